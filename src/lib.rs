@@ -1,0 +1,20 @@
+//! message-dispatcher: delivers messages waiting in PostgreSQL to an HTTP webhook, with a Redis
+//! lease choosing the one instance that sends. See README.md for the architecture.
+
+pub mod api;
+pub mod backoff;
+pub mod config;
+pub mod daemon;
+pub mod error;
+pub mod lease;
+pub mod listener;
+pub mod logging;
+pub mod message;
+pub mod metrics;
+pub mod notify;
+pub mod scheduler;
+pub mod shutdown;
+pub mod status;
+pub mod store;
+pub mod webhook;
+pub mod worker;

@@ -1,0 +1,106 @@
+//! `serve`: wires the threads together and runs until SIGINT/SIGTERM.
+//!
+//! ```text
+//!  PostgreSQL ──claim──▶ scheduler ──jobs──▶ workers ──POST──▶ webhook
+//!      ▲                    │  ▲                │
+//!      └──record outcomes───┘  └───outcomes─────┘
+//!  Redis ◀──lease── scheduler          tiny_http ──▶ /health, API, /metrics
+//! ```
+
+use std::sync::Arc;
+
+use crate::api::Api;
+use crate::config::{fmt_duration, Config};
+use crate::error::Error;
+use crate::lease::Leadership;
+use crate::listener::Listener;
+use crate::metrics::Metrics;
+use crate::scheduler::{Parts, Scheduler};
+use crate::shutdown::Shutdown;
+use crate::status::{new_instance_id, Status};
+use crate::store::Store;
+use crate::webhook::Webhook;
+use crate::{notify, store, worker};
+
+pub fn serve(config: &Config) -> Result<(), Error> {
+    let webhook_url = config.require_webhook()?;
+    let shutdown = Shutdown::new();
+    shutdown.on_signals()?;
+
+    let instance_id = new_instance_id();
+    let mut store = Store::new(&config.database_url, &instance_id)?;
+    migrate(&mut store)?;
+
+    let status = Arc::new(Status::new(&instance_id, config.lock_enabled));
+    let metrics = Arc::new(Metrics::new());
+    let leadership = Leadership::new(config, &instance_id, metrics.clone())?;
+
+    let capacity = 2 * config.batch_size as usize;
+    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(capacity);
+    let (outcomes_tx, outcomes_rx) = crossbeam_channel::bounded(capacity);
+    let webhook = Arc::new(Webhook::new(config, webhook_url));
+    worker::start(
+        config.worker_count,
+        webhook,
+        jobs_rx,
+        outcomes_tx,
+        leadership.permit(),
+        shutdown.clone(),
+        metrics.clone(),
+    )?;
+    let listener = if config.continuous() {
+        let listen_store = Store::new(&config.database_url, &instance_id)?;
+        Some(Listener::start(listen_store, shutdown.clone())?)
+    } else {
+        None
+    };
+    let api = Api::start(config, status.clone(), metrics.clone())?;
+
+    log::info!(
+        instance_id = instance_id.as_str(),
+        webhook = crate::config::redact_url(webhook_url.as_str()).as_str(),
+        interval = fmt_duration(config.processing_interval).as_str(),
+        batch_size = config.batch_size,
+        workers = config.worker_count,
+        lock_enabled = config.lock_enabled;
+        "Message dispatcher started"
+    );
+    notify::ready();
+
+    let scheduler = Scheduler::new(
+        config,
+        Parts {
+            store,
+            leadership,
+            jobs: jobs_tx,
+            outcomes: outcomes_rx,
+            listener,
+            shutdown: shutdown.clone(),
+            metrics,
+            status,
+        },
+    );
+    let scheduler = std::thread::Builder::new()
+        .name("scheduler".into())
+        .spawn(move || scheduler.run())?;
+
+    // The scheduler returns once the shutdown has started and it has drained (bounded by
+    // MAX_PROCESSING_TIME). A worker still inside a request by then is not waited for: its
+    // message stays `sending` and comes back through crash recovery.
+    let _ = scheduler.join();
+    api.stop();
+    log::info!("Message dispatcher stopped");
+    Ok(())
+}
+
+/// Applies pending migrations and says which.
+pub fn migrate(store: &mut Store) -> Result<(), Error> {
+    let applied = store.migrate()?;
+    for version in &applied {
+        log::info!(version = *version; "Migration applied");
+    }
+    if applied.is_empty() {
+        log::debug!(channel = store::NOTIFY_CHANNEL; "Schema up to date");
+    }
+    Ok(())
+}

@@ -1,0 +1,378 @@
+//! Leadership: which instance may send, and until when.
+//!
+//! With DISTRIBUTED_LOCK_ENABLED a Redis key holds the leader's random token (`SET NX PX`). The
+//! holder knows the latest instant its lease could have expired — measured on its own monotonic
+//! clock from *before* the Redis call, less a safety margin — and publishes it as a [`Permit`]
+//! that workers check before every request. Each acquisition also starts a new leadership epoch
+//! in PostgreSQL, which fences the writes of a holder that was replaced without knowing it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::{Connection, Script};
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Extends the key's life only while it still holds our token.
+const EXTEND: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0";
+
+/// Deletes the key only while it still holds our token.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0";
+
+/// Until when this instance may start webhook requests; shared by the scheduler and workers.
+pub struct Permit {
+    origin: Instant,
+    /// Milliseconds after `origin`; 0 = revoked, u64::MAX = unlimited.
+    deadline_ms: AtomicU64,
+}
+
+impl Permit {
+    pub fn revoked() -> Arc<Permit> {
+        Arc::new(Permit {
+            origin: Instant::now(),
+            deadline_ms: AtomicU64::new(0),
+        })
+    }
+
+    pub fn unlimited() -> Arc<Permit> {
+        let permit = Permit::revoked();
+        permit.deadline_ms.store(u64::MAX, Ordering::SeqCst);
+        permit
+    }
+
+    pub fn allows(&self) -> bool {
+        let now = self.origin.elapsed().as_millis() as u64;
+        now < self.deadline_ms.load(Ordering::SeqCst)
+    }
+
+    fn grant_until(&self, deadline: Instant) {
+        let ms = deadline.saturating_duration_since(self.origin).as_millis() as u64;
+        self.deadline_ms.store(ms, Ordering::SeqCst);
+    }
+
+    fn revoke(&self) {
+        self.deadline_ms.store(0, Ordering::SeqCst);
+    }
+}
+
+/// The Redis side of the lease.
+struct Lease {
+    client: redis::Client,
+    conn: Option<Connection>,
+    key: String,
+    token: String,
+    ttl: Duration,
+    io_timeout: Duration,
+    extend: Script,
+    release: Script,
+}
+
+impl Lease {
+    fn connection(&mut self) -> Result<&mut Connection, Error> {
+        if self.conn.is_none() {
+            let conn = self.client.get_connection_with_timeout(self.io_timeout)?;
+            conn.set_read_timeout(Some(self.io_timeout))?;
+            conn.set_write_timeout(Some(self.io_timeout))?;
+            self.conn = Some(conn);
+        }
+        Ok(self.conn.as_mut().expect("connected above"))
+    }
+
+    /// Runs a Redis call, dropping the connection if it fails so the next call reconnects.
+    fn call<T>(&mut self, f: impl FnOnce(&mut Lease, &mut Connection) -> redis::RedisResult<T>) -> Result<T, Error> {
+        self.connection()?;
+        let mut conn = self.conn.take().expect("connected above");
+        let result = f(self, &mut conn);
+        if result.is_ok() {
+            self.conn = Some(conn);
+        }
+        Ok(result?)
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        self.ttl.as_millis() as u64
+    }
+
+    /// Takes the key if free, or confirms it is still ours (after a Redis hiccup).
+    fn acquire(&mut self) -> Result<bool, Error> {
+        let ttl = self.ttl_ms();
+        self.call(|l, c| {
+            let set: Option<String> = redis::cmd("SET")
+                .arg(&l.key)
+                .arg(&l.token)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl)
+                .query(c)?;
+            if set.is_some() {
+                return Ok(true);
+            }
+            let still_ours: i64 = l.extend.key(&l.key).arg(&l.token).arg(ttl).invoke(c)?;
+            Ok(still_ours == 1)
+        })
+    }
+
+    fn extend(&mut self) -> Result<bool, Error> {
+        let ttl = self.ttl_ms();
+        self.call(|l, c| {
+            let n: i64 = l.extend.key(&l.key).arg(&l.token).arg(ttl).invoke(c)?;
+            Ok(n == 1)
+        })
+    }
+
+    fn release(&mut self) -> Result<bool, Error> {
+        self.call(|l, c| {
+            let n: i64 = l.release.key(&l.key).arg(&l.token).invoke(c)?;
+            Ok(n == 1)
+        })
+    }
+}
+
+/// What the scheduler asks each turn: may I claim, and under which epoch?
+pub struct Leadership {
+    lease: Option<Lease>,
+    permit: Arc<Permit>,
+    epoch: Option<i64>,
+    leading: bool,
+    /// Set when we may still own the key in Redis (so shutdown should release it).
+    deadline: Option<Instant>,
+    next_tick: Instant,
+    extend_every: Duration,
+    retry_every: Duration,
+    margin: Duration,
+    /// Whether the last Redis call worked; drives /health and quiets repeated warnings.
+    redis_ok: bool,
+    held_since: Option<Instant>,
+    metrics: Arc<Metrics>,
+}
+
+impl Leadership {
+    pub fn new(config: &Config, instance_id: &str, metrics: Arc<Metrics>) -> Result<Leadership, Error> {
+        if !config.lock_enabled {
+            return Ok(Leadership {
+                lease: None,
+                permit: Permit::unlimited(),
+                epoch: None,
+                leading: true,
+                deadline: None,
+                next_tick: Instant::now(),
+                extend_every: Duration::MAX,
+                retry_every: Duration::MAX,
+                margin: Duration::ZERO,
+                redis_ok: true,
+                held_since: None,
+                metrics,
+            });
+        }
+        let client = redis::Client::open(config.redis_url.as_str())
+            .map_err(|e| Error::Config(format!("REDIS_URL: {e}")))?;
+        let token = format!("{instance_id}:{:032x}", rand::random::<u128>());
+        Ok(Leadership {
+            lease: Some(Lease {
+                client,
+                conn: None,
+                key: config.lock_key.clone(),
+                token,
+                ttl: config.lock_ttl,
+                io_timeout: (config.lock_ttl / 6).clamp(Duration::from_millis(100), Duration::from_secs(2)),
+                extend: Script::new(EXTEND),
+                release: Script::new(RELEASE),
+            }),
+            permit: Permit::revoked(),
+            epoch: None,
+            leading: false,
+            deadline: None,
+            next_tick: Instant::now(),
+            extend_every: config.lease_extend_period(),
+            retry_every: config.lease_retry_period(),
+            // Covers clock-rate drift between us and Redis, and a little scheduling slack.
+            margin: (config.lock_ttl / 10).max(Duration::from_millis(20)),
+            redis_ok: true,
+            held_since: None,
+            metrics,
+        })
+    }
+
+    pub fn permit(&self) -> Arc<Permit> {
+        self.permit.clone()
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.lease.is_some()
+    }
+
+    /// True while this instance may claim and send.
+    pub fn leading(&self) -> bool {
+        self.leading && self.permit.allows()
+    }
+
+    pub fn epoch(&self) -> Option<i64> {
+        self.epoch
+    }
+
+    pub fn redis_ok(&self) -> bool {
+        self.redis_ok
+    }
+
+    /// When the scheduler should call [`Leadership::tick`] next.
+    pub fn next_tick(&self) -> Instant {
+        match self.deadline {
+            Some(deadline) if self.leading => self.next_tick.min(deadline),
+            _ => self.next_tick,
+        }
+    }
+
+    /// Acquires, extends or notices the loss of the lease, as due.
+    pub fn tick(&mut self, store: &mut Store) {
+        if self.lease.is_none() {
+            return;
+        }
+        let now = Instant::now();
+        if self.leading && self.deadline.is_some_and(|d| now >= d) {
+            self.lose("the lease could have expired before it was extended");
+            return;
+        }
+        if now < self.next_tick {
+            return;
+        }
+        if self.leading {
+            self.extend();
+        } else {
+            self.next_tick = now + self.retry_every;
+            self.acquire(store);
+        }
+    }
+
+    fn lease(&mut self) -> &mut Lease {
+        self.lease.as_mut().expect("only called with a lease")
+    }
+
+    fn key(&self) -> String {
+        self.lease.as_ref().map_or_else(String::new, |l| l.key.clone())
+    }
+
+    fn extend(&mut self) {
+        let started = Instant::now();
+        let result = self.lease().extend();
+        self.redis_ok = result.is_ok();
+        match result {
+            Ok(true) => {
+                self.metrics.lock_extensions.inc();
+                self.set_deadline(started);
+                self.next_tick = started + self.extend_every;
+                log::debug!(key = self.key().as_str(), epoch = self.epoch.unwrap_or(0); "Lock extended");
+            }
+            Ok(false) => {
+                self.metrics.lock_extension_failures.inc();
+                self.lose("another instance holds the key");
+            }
+            Err(e) => {
+                self.metrics.lock_extension_failures.inc();
+                self.lose(&format!("cannot extend the lease: {e}"));
+            }
+        }
+    }
+
+    fn acquire(&mut self, store: &mut Store) {
+        let started = Instant::now();
+        let result = self.lease().acquire();
+        let was_ok = std::mem::replace(&mut self.redis_ok, result.is_ok());
+        match result {
+            Ok(true) => match store.begin_epoch() {
+                Ok(epoch) => {
+                    self.epoch = Some(epoch);
+                    self.leading = true;
+                    self.held_since = Some(started);
+                    self.metrics.lock_acquisitions.inc();
+                    self.metrics.lock_held.set(1);
+                    self.metrics.epoch.set(epoch);
+                    self.set_deadline(started);
+                    self.next_tick = started + self.extend_every;
+                    log::info!(key = self.key().as_str(), epoch = epoch; "Lock acquired");
+                }
+                Err(e) => {
+                    // Without a new epoch our writes would be fenced anyway: step back.
+                    self.metrics.lock_acquire_failures.inc();
+                    log::warn!(error = e.to_string().as_str(); "Cannot start a leadership epoch, releasing the lock");
+                    let _ = self.lease().release();
+                }
+            },
+            Ok(false) => {
+                self.metrics.lock_acquire_failures.inc();
+                log::debug!("Another instance is processing, skipping this cycle");
+            }
+            Err(e) => {
+                self.metrics.lock_acquire_failures.inc();
+                if was_ok {
+                    log::warn!(error = e.to_string().as_str(); "Redis unavailable, cannot take the lock");
+                }
+            }
+        }
+    }
+
+    fn set_deadline(&mut self, started: Instant) {
+        let lease = self.lease.as_ref().expect("only with a lease");
+        let deadline = started + lease.ttl - self.margin;
+        self.deadline = Some(deadline);
+        self.permit.grant_until(deadline);
+    }
+
+    /// PostgreSQL shows a newer epoch than ours: another instance took over while we believed we
+    /// led (a pause, or a Redis that lost our key). Stop at once.
+    pub fn fenced(&mut self, current: i64) {
+        let reason = format!(
+            "leadership epoch {} was superseded by {current}",
+            self.epoch.unwrap_or(0)
+        );
+        self.lose(&reason);
+    }
+
+    fn lose(&mut self, reason: &str) {
+        self.metrics.lock_losses.inc();
+        self.stop_holding();
+        // Retry soon: if the key is still ours (a Redis hiccup), we take it back at once.
+        self.next_tick = Instant::now() + self.retry_every;
+        let key = self.lease.as_ref().map_or("", |l| l.key.as_str());
+        log::warn!(key = key, reason = reason; "Lock lost");
+    }
+
+    fn stop_holding(&mut self) {
+        self.permit.revoke();
+        self.leading = false;
+        if let Some(since) = self.held_since.take() {
+            self.metrics.lock_held_seconds.inc_by(since.elapsed().as_secs_f64());
+        }
+        self.metrics.lock_held.set(0);
+        self.metrics.epoch.set(0);
+    }
+
+    /// Gives the lease up on shutdown, if we may still hold it.
+    pub fn release(&mut self) {
+        let was_leading = self.leading;
+        self.stop_holding();
+        let Some(lease) = self.lease.as_mut() else {
+            return;
+        };
+        if !was_leading && self.deadline.is_none() {
+            return;
+        }
+        match lease.release() {
+            Ok(true) => log::info!(key = lease.key.as_str(); "Lock released"),
+            Ok(false) => log::debug!(key = lease.key.as_str(); "Lock was no longer ours at shutdown"),
+            Err(e) => log::warn!(key = lease.key.as_str(), error = e.to_string().as_str(); "Cannot release the lock; it expires by itself"),
+        }
+        self.deadline = None;
+    }
+}

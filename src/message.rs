@@ -1,0 +1,44 @@
+//! What flows through the pipeline: a claimed message goes to a worker as a [`Job`], and comes
+//! back as an [`Outcome`] for the scheduler to record.
+
+use std::time::{Duration, Instant};
+
+/// A message claimed from the table (status now `sending`).
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    pub id: i64,
+    pub recipient: String,
+    pub content: String,
+    /// Webhook requests made for it before this claim.
+    pub attempts: i32,
+}
+
+/// A claimed message on its way to a worker.
+#[derive(Debug)]
+pub struct Job {
+    pub message: Claimed,
+    /// The claim it belongs to, for the per-batch log line.
+    pub batch: u64,
+    /// No request for it starts after this instant (MAX_PROCESSING_TIME after the claim).
+    pub not_after: Instant,
+}
+
+/// What happened to one message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// 2xx: done.
+    Sent { remote_id: Option<String> },
+    /// A transient failure: back to `pending`, due again after `delay`.
+    Retry { error: String, delay: Duration },
+    /// A permanent failure, or the last allowed attempt failed.
+    Failed { error: String },
+    /// Never sent (lease lost, shutdown, cycle over): back to `pending` as it was.
+    Unsent,
+}
+
+#[derive(Debug)]
+pub struct Outcome {
+    pub id: i64,
+    pub batch: u64,
+    pub delivery: Delivery,
+}

@@ -1,0 +1,423 @@
+//! All PostgreSQL access: migrations, claiming, recording outcomes, the cluster-wide state row,
+//! and the queries behind the HTTP API.
+//!
+//! Keeping every statement here makes the database contract reviewable in one place. The hot
+//! statements (claim, record) are one round trip per batch and are fenced by the leadership epoch:
+//! they lock the state row `FOR SHARE`, so an epoch bump by a new lease holder either waits for
+//! them or makes them match nothing.
+
+use std::time::Duration;
+
+use postgres::{Client, NoTls, Statement};
+
+use crate::error::Error;
+use crate::message::{Claimed, Delivery};
+
+/// The migrations in `sql/`, applied in this order, each once.
+const MIGRATIONS: &[(&str, &str)] = &[("0001_messages", include_str!("../sql/0001_messages.sql"))];
+
+/// Serialises migrations across instances starting at the same time.
+const MIGRATION_LOCK: i64 = 0x6d64_6d69_6772; // "mdmigr"
+
+/// The channel the insert trigger notifies (see `sql/0001_messages.sql`).
+pub const NOTIFY_CHANNEL: &str = "message_dispatcher";
+
+const CLAIM: &str = "
+WITH fence AS (
+    SELECT 1 FROM dispatcher_state
+    WHERE processing_enabled AND ($2::bigint IS NULL OR epoch = $2)
+    FOR SHARE
+), due AS (
+    SELECT id FROM messages
+    WHERE status = 'pending' AND next_attempt_at <= now() AND EXISTS (SELECT 1 FROM fence)
+    ORDER BY next_attempt_at, id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE messages AS m
+SET status = 'sending', claimed_epoch = $2, claimed_by = $3, claimed_at = now(), updated_at = now()
+FROM due WHERE m.id = due.id
+RETURNING m.id, m.recipient, m.content, m.attempts";
+
+const RECORD: &str = "
+WITH fence AS (
+    SELECT 1 FROM dispatcher_state WHERE $7::bigint IS NULL OR epoch = $7 FOR SHARE
+)
+UPDATE messages AS m SET
+    status = o.status,
+    attempts = m.attempts + o.tried,
+    sent_at = CASE WHEN o.status = 'sent' THEN now() ELSE m.sent_at END,
+    last_error = COALESCE(o.error, m.last_error),
+    remote_message_id = COALESCE(o.remote_id, m.remote_message_id),
+    next_attempt_at = CASE WHEN o.status = 'pending'
+                           THEN now() + o.delay_ms * interval '1 millisecond'
+                           ELSE m.next_attempt_at END,
+    claimed_epoch = NULL, claimed_by = NULL, claimed_at = NULL,
+    updated_at = now()
+FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::text[], $6::bigint[])
+         AS o(id, status, tried, error, remote_id, delay_ms)
+WHERE m.id = o.id AND m.status = 'sending'
+  AND m.claimed_epoch IS NOT DISTINCT FROM $7 AND m.claimed_by = $8
+  AND EXISTS (SELECT 1 FROM fence)";
+
+const RECOVER: &str = "
+WITH fence AS (
+    SELECT 1 FROM dispatcher_state WHERE $3::bigint IS NULL OR epoch = $3 FOR SHARE
+)
+UPDATE messages
+SET status = 'pending', claimed_epoch = NULL, claimed_by = NULL, claimed_at = NULL,
+    updated_at = now()
+WHERE status = 'sending'
+  AND claimed_at < now() - $1::bigint * interval '1 millisecond'
+  AND NOT (claimed_by = $2 AND claimed_epoch IS NOT DISTINCT FROM $3)
+  AND EXISTS (SELECT 1 FROM fence)";
+
+/// The cluster-wide state row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct State {
+    pub processing_enabled: bool,
+    pub epoch: i64,
+}
+
+/// One row of `GET /messages/sent`.
+#[derive(Debug, serde::Serialize)]
+pub struct SentMessage {
+    pub id: i64,
+    pub recipient: String,
+    pub content: String,
+    pub sent_at: Option<String>,
+    pub remote_message_id: Option<String>,
+}
+
+/// A connection that reconnects on the next call after it broke.
+pub struct Store {
+    config: postgres::Config,
+    instance_id: String,
+    conn: Option<Connection>,
+}
+
+struct Connection {
+    client: Client,
+    claim: Statement,
+    record: Statement,
+    recover: Statement,
+}
+
+impl Store {
+    /// Parses the URL now; connects on first use.
+    pub fn new(database_url: &str, instance_id: &str) -> Result<Store, Error> {
+        let mut config: postgres::Config = database_url
+            .parse()
+            .map_err(|e| Error::Config(format!("DATABASE_URL: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        if config.get_application_name().is_none() {
+            config.application_name(&format!("message-dispatcher/{instance_id}"));
+        }
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        Ok(Store {
+            config,
+            instance_id: instance_id.to_owned(),
+            conn: None,
+        })
+    }
+
+    /// A plain client for callers that hold one connection for a special purpose (LISTEN).
+    pub fn connect_plain(&self) -> Result<Client, Error> {
+        Ok(self.config.connect(NoTls)?)
+    }
+
+    /// Runs `f` on the live connection, connecting first if needed; drops the connection when it
+    /// turns out to be broken so the next call starts afresh.
+    fn with<T>(
+        &mut self,
+        f: impl FnOnce(&mut Connection) -> Result<T, postgres::Error>,
+    ) -> Result<T, Error> {
+        if self.conn.is_none() {
+            self.conn = Some(self.open()?);
+        }
+        let conn = self.conn.as_mut().expect("connected above");
+        let result = f(conn);
+        if result.is_err() && conn.client.is_closed() {
+            self.conn = None;
+        }
+        Ok(result?)
+    }
+
+    fn open(&self) -> Result<Connection, Error> {
+        let mut client = self.config.connect(NoTls)?;
+        let schema_ready = client
+            .query_one("SELECT to_regclass('dispatcher_state') IS NOT NULL", &[])?
+            .get::<_, bool>(0);
+        if !schema_ready {
+            return Err(Error::Other(
+                "the messages table does not exist yet: run `message-dispatcher migrate`".into(),
+            ));
+        }
+        Ok(Connection {
+            claim: client.prepare(CLAIM)?,
+            record: client.prepare(RECORD)?,
+            recover: client.prepare(RECOVER)?,
+            client,
+        })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| !c.client.is_closed())
+    }
+
+    /// Applies pending migrations; returns the names applied now.
+    pub fn migrate(&mut self) -> Result<Vec<&'static str>, Error> {
+        // A dedicated connection: `open` refuses to work on an unmigrated database.
+        let mut client = self.config.connect(NoTls)?;
+        client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])?;
+        let result = apply_migrations(&mut client);
+        let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]);
+        result
+    }
+
+    /// Claims up to `limit` due messages for this instance under `epoch` (None without lease).
+    /// Nothing is claimed while processing is stopped or the epoch is no longer current.
+    pub fn claim(&mut self, limit: u32, epoch: Option<i64>) -> Result<Vec<Claimed>, Error> {
+        let instance = self.instance_id.clone();
+        let rows = self.with(|c| {
+            c.client
+                .query(&c.claim, &[&i64::from(limit), &epoch, &instance])
+        })?;
+        let mut claimed: Vec<Claimed> = rows
+            .iter()
+            .map(|r| Claimed {
+                id: r.get(0),
+                recipient: r.get(1),
+                content: r.get(2),
+                attempts: r.get(3),
+            })
+            .collect();
+        claimed.sort_by_key(|m| m.id);
+        Ok(claimed)
+    }
+
+    /// Records the outcomes of messages claimed under `epoch` in one statement. Returns how many
+    /// rows changed: fewer than given means the epoch was superseded (or rows were recovered).
+    pub fn record(&mut self, epoch: Option<i64>, outcomes: &[(i64, Delivery)]) -> Result<u64, Error> {
+        let n = outcomes.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut statuses = Vec::with_capacity(n);
+        let mut tried = Vec::with_capacity(n);
+        let mut errors: Vec<Option<&str>> = Vec::with_capacity(n);
+        let mut remote_ids: Vec<Option<&str>> = Vec::with_capacity(n);
+        let mut delays = Vec::with_capacity(n);
+        for (id, delivery) in outcomes {
+            ids.push(*id);
+            let (status, attempt, error, remote, delay) = match delivery {
+                Delivery::Sent { remote_id } => ("sent", 1, None, remote_id.as_deref(), 0),
+                Delivery::Retry { error, delay } => {
+                    ("pending", 1, Some(error.as_str()), None, delay.as_millis() as i64)
+                }
+                Delivery::Failed { error } => ("failed", 1, Some(error.as_str()), None, 0),
+                Delivery::Unsent => ("pending", 0, None, None, 0),
+            };
+            statuses.push(status);
+            tried.push(attempt);
+            errors.push(error);
+            remote_ids.push(remote);
+            delays.push(delay);
+        }
+        let instance = self.instance_id.clone();
+        self.with(|c| {
+            c.client.execute(
+                &c.record,
+                &[
+                    &ids,
+                    &statuses,
+                    &tried,
+                    &errors,
+                    &remote_ids,
+                    &delays,
+                    &epoch,
+                    &instance,
+                ],
+            )
+        })
+    }
+
+    /// Returns to `pending` rows left `sending` longer than `timeout` by anyone but this
+    /// instance's current epoch. Returns how many.
+    pub fn recover_abandoned(&mut self, timeout: Duration, epoch: Option<i64>) -> Result<u64, Error> {
+        let instance = self.instance_id.clone();
+        let ms = timeout.as_millis() as i64;
+        self.with(|c| c.client.execute(&c.recover, &[&ms, &instance, &epoch]))
+    }
+
+    /// Starts a new leadership epoch held by this instance, in one statement.
+    pub fn begin_epoch(&mut self) -> Result<i64, Error> {
+        let instance = self.instance_id.clone();
+        self.with(|c| {
+            c.client
+                .query_one(
+                    "UPDATE dispatcher_state
+                     SET epoch = epoch + 1, holder = $1, epoch_started_at = now()
+                     RETURNING epoch",
+                    &[&instance],
+                )
+                .map(|r| r.get(0))
+        })
+    }
+
+    pub fn state(&mut self) -> Result<State, Error> {
+        self.with(|c| {
+            c.client
+                .query_one("SELECT processing_enabled, epoch FROM dispatcher_state", &[])
+                .map(|r| State {
+                    processing_enabled: r.get(0),
+                    epoch: r.get(1),
+                })
+        })
+    }
+
+    /// Flips the cluster-wide processing switch and wakes sleeping schedulers.
+    pub fn set_processing(&mut self, enabled: bool) -> Result<bool, Error> {
+        self.with(|c| {
+            let mut tx = c.client.transaction()?;
+            let row = tx.query_one(
+                "UPDATE dispatcher_state SET processing_enabled = $1 RETURNING processing_enabled",
+                &[&enabled],
+            )?;
+            tx.execute("SELECT pg_notify($1, 'switch')", &[&NOTIFY_CHANNEL])?;
+            tx.commit()?;
+            Ok(row.get(0))
+        })
+    }
+
+    /// How long until the earliest pending message falls due (zero when one is due now).
+    pub fn next_due_in(&mut self) -> Result<Option<Duration>, Error> {
+        let secs: Option<f64> = self.with(|c| {
+            c.client
+                .query_one(
+                    "SELECT EXTRACT(EPOCH FROM (min(next_attempt_at) - now()))::float8
+                     FROM messages WHERE status = 'pending'",
+                    &[],
+                )
+                .map(|r| r.get(0))
+        })?;
+        Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
+    }
+
+    pub fn insert_message(&mut self, recipient: &str, content: &str) -> Result<i64, Error> {
+        self.with(|c| {
+            c.client
+                .query_one(
+                    "INSERT INTO messages (recipient, content) VALUES ($1, $2) RETURNING id",
+                    &[&recipient, &content],
+                )
+                .map(|r| r.get(0))
+        })
+    }
+
+    /// Inserts many messages in one statement; returns how many.
+    pub fn insert_many(&mut self, recipients: &[String], contents: &[String]) -> Result<u64, Error> {
+        self.with(|c| {
+            c.client.execute(
+                "INSERT INTO messages (recipient, content)
+                 SELECT * FROM unnest($1::text[], $2::text[])",
+                &[&recipients, &contents],
+            )
+        })
+    }
+
+    /// A page of sent messages, newest first, and the `before` value of the next page.
+    pub fn sent_page(
+        &mut self,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<(Vec<SentMessage>, Option<i64>), Error> {
+        let rows = self.with(|c| {
+            c.client.query(
+                "SELECT id, recipient, content,
+                        to_char(sent_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+                        remote_message_id
+                 FROM messages
+                 WHERE status = 'sent' AND ($2::bigint IS NULL OR id < $2)
+                 ORDER BY id DESC
+                 LIMIT $1",
+                &[&(i64::from(limit) + 1), &before],
+            )
+        })?;
+        let mut page: Vec<SentMessage> = rows
+            .iter()
+            .map(|r| SentMessage {
+                id: r.get(0),
+                recipient: r.get(1),
+                content: r.get(2),
+                sent_at: r.get(3),
+                remote_message_id: r.get(4),
+            })
+            .collect();
+        let next = if page.len() > limit as usize {
+            page.truncate(limit as usize);
+            page.last().map(|m| m.id)
+        } else {
+            None
+        };
+        Ok((page, next))
+    }
+
+    /// Messages waiting and in flight, from the small partial indexes (cheap on any table size).
+    pub fn queue_depth(&mut self) -> Result<(i64, i64), Error> {
+        self.with(|c| {
+            c.client
+                .query_one(
+                    "SELECT (SELECT count(*) FROM messages WHERE status = 'pending'),
+                            (SELECT count(*) FROM messages WHERE status = 'sending')",
+                    &[],
+                )
+                .map(|r| (r.get(0), r.get(1)))
+        })
+    }
+}
+
+fn apply_migrations(client: &mut Client) -> Result<Vec<&'static str>, Error> {
+    client.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version    TEXT PRIMARY KEY,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         )",
+    )?;
+    let mut applied = Vec::new();
+    for (version, sql) in MIGRATIONS {
+        let done = client
+            .query_opt("SELECT 1 FROM schema_migrations WHERE version = $1", &[version])?
+            .is_some();
+        if done {
+            continue;
+        }
+        let mut tx = client.transaction()?;
+        tx.batch_execute(sql)
+            .map_err(|e| Error::Other(format!("migration {version} failed: {}", Error::from(e))))?;
+        tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[version])?;
+        tx.commit()?;
+        applied.push(*version);
+    }
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MIGRATIONS;
+
+    #[test]
+    fn every_file_in_sql_is_a_migration_in_order() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/sql");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".sql"))
+            .map(|n| n.trim_end_matches(".sql").to_owned())
+            .collect();
+        files.sort();
+        let listed: Vec<&str> = MIGRATIONS.iter().map(|(v, _)| *v).collect();
+        assert_eq!(files, listed);
+    }
+}

@@ -1,0 +1,292 @@
+//! The webhook request and what its answer means.
+//!
+//! One `ureq` agent is shared by all workers, so connections to the receiver are kept alive and
+//! reused. The request is the SPEC's: `POST {"to","content"}` with `Idempotency-Key` and
+//! `webhook-id` stable across attempts, signed as Standard Webhooks 1.0 when a secret is set.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use ureq::Agent;
+use url::Url;
+
+use crate::backoff;
+use crate::config::Config;
+use crate::message::{Claimed, Delivery};
+
+/// How much of a response body we read: enough for `{"messageId": …}` or an error text.
+const MAX_RESPONSE_BODY: u64 = 64 * 1024;
+/// How much of an error answer is kept in `last_error`.
+const MAX_ERROR_TEXT: usize = 200;
+
+pub struct Webhook {
+    agent: Agent,
+    url: Url,
+    secret: Option<Vec<u8>>,
+    max_attempts: u32,
+    retry_base: Duration,
+    retry_max: Duration,
+}
+
+impl Webhook {
+    pub fn new(config: &Config, url: &Url) -> Webhook {
+        let agent: Agent = Agent::config_builder()
+            .timeout_global(Some(config.webhook_timeout))
+            .http_status_as_error(false)
+            // A redirect is retried later, not followed: the receiver must be configured right.
+            .max_redirects(0)
+            .max_redirects_will_error(false)
+            .max_idle_connections(config.worker_count as usize * 2)
+            .max_idle_connections_per_host(config.worker_count as usize * 2)
+            .user_agent(concat!("message-dispatcher/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        Webhook {
+            agent,
+            url: url.clone(),
+            secret: config.webhook_secret.clone(),
+            max_attempts: config.max_attempts,
+            retry_base: config.retry_base_delay,
+            retry_max: config.retry_max_delay,
+        }
+    }
+
+    /// Makes one request for `message` and decides what it means.
+    pub fn deliver(&self, message: &Claimed) -> Delivery {
+        let body = serde_json::to_vec(&serde_json::json!({
+            "to": message.recipient,
+            "content": message.content,
+        }))
+        .expect("strings always serialise");
+        let webhook_id = format!("msg_{}", message.id);
+        let mut request = self
+            .agent
+            .post(self.url.as_str())
+            .header("Content-Type", "application/json")
+            .header("Idempotency-Key", message.id.to_string())
+            .header("webhook-id", &webhook_id);
+        if let Some(key) = &self.secret {
+            let timestamp = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            request = request
+                .header("webhook-timestamp", timestamp.to_string())
+                .header("webhook-signature", sign(key, &webhook_id, timestamp, &body));
+        }
+        let answer = match request.send(&body[..]) {
+            Ok(response) => read_answer(response),
+            Err(e) => Answer::Transient {
+                error: format!("request failed: {e}"),
+                retry_after: None,
+            },
+        };
+        self.decide(message, answer)
+    }
+
+    /// Turns an answer into a delivery, giving up once MAX_ATTEMPTS requests were made.
+    fn decide(&self, message: &Claimed, answer: Answer) -> Delivery {
+        match answer {
+            Answer::Delivered { remote_id } => Delivery::Sent { remote_id },
+            Answer::Permanent { error } => Delivery::Failed { error },
+            Answer::Transient { error, retry_after } => {
+                let attempts_made = message.attempts.max(0) as u32 + 1;
+                if attempts_made >= self.max_attempts {
+                    return Delivery::Failed {
+                        error: format!("{error} (gave up after {attempts_made} attempts)"),
+                    };
+                }
+                let delay = match retry_after {
+                    Some(asked) => asked.min(self.retry_max),
+                    None => backoff::delay(self.retry_base, self.retry_max, attempts_made),
+                };
+                Delivery::Retry { error, delay }
+            }
+        }
+    }
+}
+
+/// The receiver's answer, before the attempt count is taken into account.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    Delivered { remote_id: Option<String> },
+    Transient { error: String, retry_after: Option<Duration> },
+    Permanent { error: String },
+}
+
+fn read_answer(mut response: ureq::http::Response<ureq::Body>) -> Answer {
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after);
+    // Reading the body to its end lets the connection go back to the pool.
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(MAX_RESPONSE_BODY)
+        .read_to_vec()
+        .unwrap_or_default();
+    classify(status, &body, retry_after)
+}
+
+fn classify(status: u16, body: &[u8], retry_after: Option<Duration>) -> Answer {
+    match status {
+        200..=299 => Answer::Delivered {
+            remote_id: remote_message_id(body),
+        },
+        408 | 429 | 500..=599 | 300..=399 => Answer::Transient {
+            error: error_text(status, body),
+            retry_after: if matches!(status, 429 | 503) {
+                retry_after
+            } else {
+                None
+            },
+        },
+        _ => Answer::Permanent {
+            error: error_text(status, body),
+        },
+    }
+}
+
+/// `messageId` from a JSON reply, when there is one.
+fn remote_message_id(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    match value.get("messageId")? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn error_text(status: u16, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        return format!("HTTP {status}");
+    }
+    let mut snippet: String = text.chars().take(MAX_ERROR_TEXT).collect();
+    if snippet.len() < text.len() {
+        snippet.push('…');
+    }
+    format!("HTTP {status}: {snippet}")
+}
+
+/// `Retry-After` is either seconds or an HTTP date.
+fn parse_retry_after(raw: &str) -> Option<Duration> {
+    let raw = raw.trim();
+    if let Ok(secs) = raw.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(raw).ok()?;
+    Some(when.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+/// The Standard Webhooks signature: `v1,` + base64(HMAC-SHA256(key, "{id}.{timestamp}.{body}")).
+pub fn sign(key: &[u8], webhook_id: &str, timestamp: u64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(webhook_id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let digest = mac.finalize().into_bytes();
+    format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(digest)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(
+            classify(202, br#"{"message":"Accepted","messageId":"abc"}"#, None),
+            Answer::Delivered {
+                remote_id: Some("abc".into())
+            }
+        );
+        assert_eq!(
+            classify(200, b"not json", None),
+            Answer::Delivered { remote_id: None }
+        );
+        for status in [408, 429, 500, 502, 503, 504, 301, 302, 307] {
+            assert!(
+                matches!(classify(status, b"", None), Answer::Transient { .. }),
+                "{status}"
+            );
+        }
+        for status in [400, 401, 403, 404, 405, 410, 413, 422] {
+            assert!(
+                matches!(classify(status, b"", None), Answer::Permanent { .. }),
+                "{status}"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_after_only_counts_on_429_and_503() {
+        let asked = Some(Duration::from_secs(7));
+        for status in [429, 503] {
+            assert_eq!(
+                classify(status, b"", asked),
+                Answer::Transient {
+                    error: format!("HTTP {status}"),
+                    retry_after: asked
+                }
+            );
+        }
+        assert_eq!(
+            classify(500, b"", asked),
+            Answer::Transient {
+                error: "HTTP 500".into(),
+                retry_after: None
+            }
+        );
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after(" 120 "), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        let future = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3600));
+        let d = parse_retry_after(&future).unwrap();
+        assert!(d > Duration::from_secs(3500) && d <= Duration::from_secs(3600));
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn numeric_message_ids_are_kept() {
+        assert_eq!(remote_message_id(br#"{"messageId": 42}"#), Some("42".into()));
+        assert_eq!(remote_message_id(br#"{"id": 42}"#), None);
+    }
+
+    #[test]
+    fn error_text_is_bounded() {
+        let long = "x".repeat(1000);
+        let text = error_text(500, long.as_bytes());
+        assert!(text.starts_with("HTTP 500: xxx") && text.chars().count() < 220);
+    }
+
+    #[test]
+    fn signature_matches_the_standard_webhooks_example() {
+        // The example of the Standard Webhooks specification.
+        let key = base64::engine::general_purpose::STANDARD
+            .decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+            .unwrap();
+        let body = br#"{"test": 2432232314}"#;
+        assert_eq!(
+            sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+    }
+}
