@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests, the integration tests against the local PostgreSQL and Redis
+# (each test makes its own database and Redis key), the static checks of the deployment files,
+# and a smoke run of the demo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pg=${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+redis=${TEST_REDIS_URL:-redis://127.0.0.1:6379/}
+
+need() { # need COMMAND DEBIAN-PACKAGE
+    command -v "$1" >/dev/null 2>&1 && return 0
+    echo "==> installing $2 (for $1)"
+    if [[ $(id -u) -eq 0 ]]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+    else
+        sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+    fi
+}
+need psql postgresql-client
+need redis-server redis-server
+need redis-cli redis-tools
+need curl curl
+
+if ! psql "$pg" -tAc 'SELECT 1' >/dev/null 2>&1; then
+    echo "PostgreSQL is not reachable at $pg (set TEST_DATABASE_URL)." >&2
+    exit 1
+fi
+if ! redis-cli -u "$redis" ping >/dev/null 2>&1; then
+    echo "Redis is not reachable at $redis (set TEST_REDIS_URL)." >&2
+    exit 1
+fi
+
+cargo test --all-targets "$@"
