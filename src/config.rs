@@ -203,8 +203,14 @@ impl fmt::Display for Config {
             ("WEBHOOK_URL", webhook),
             ("WEBHOOK_TIMEOUT", fmt_duration(self.webhook_timeout)),
             ("WEBHOOK_SECRET", set(self.webhook_secret.is_some()).into()),
-            ("PROCESSING_INTERVAL", fmt_duration(self.processing_interval)),
-            ("MAX_PROCESSING_TIME", fmt_duration(self.max_processing_time)),
+            (
+                "PROCESSING_INTERVAL",
+                fmt_duration(self.processing_interval),
+            ),
+            (
+                "MAX_PROCESSING_TIME",
+                fmt_duration(self.max_processing_time),
+            ),
             ("BATCH_SIZE", self.batch_size.to_string()),
             ("WORKER_COUNT", self.worker_count.to_string()),
             ("MAX_ATTEMPTS", self.max_attempts.to_string()),
@@ -223,7 +229,10 @@ impl fmt::Display for Config {
                     LogFormat::Text => "text".into(),
                 },
             ),
-            ("RUST_LOG", self.rust_log.clone().unwrap_or("<unset>".into())),
+            (
+                "RUST_LOG",
+                self.rust_log.clone().unwrap_or("<unset>".into()),
+            ),
             ("mode", mode(self)),
             ("recovery_timeout", fmt_duration(self.recovery_timeout())),
         ];
@@ -252,11 +261,17 @@ fn mode(config: &Config) -> String {
     format!("{cadence}, {lease}")
 }
 
+/// A duration as people write it (`2m`, `1s 500ms`), to the millisecond.
 pub fn fmt_duration(d: Duration) -> String {
-    if d.is_zero() {
-        "0".into()
+    let ms = Duration::from_millis(d.as_millis() as u64);
+    if ms.is_zero() {
+        if d.is_zero() {
+            "0".into()
+        } else {
+            "<1ms".into()
+        }
     } else {
-        humantime::format_duration(d).to_string()
+        humantime::format_duration(ms).to_string()
     }
 }
 
@@ -278,10 +293,7 @@ struct Env<'a>(&'a HashMap<String, String>);
 
 impl Env<'_> {
     fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .get(name)
-            .map(|v| v.trim())
-            .filter(|v| !v.is_empty())
+        self.0.get(name).map(|v| v.trim()).filter(|v| !v.is_empty())
     }
 
     fn parse_num(&self, name: &str, default: u64, min: u64, max: u64) -> Result<u64, Error> {
@@ -326,7 +338,9 @@ fn database_url(env: &Env) -> Result<String, Error> {
         // The postgres crate accepts both URLs and key=value strings; check it now so the error
         // names the variable instead of surfacing at the first connection.
         url.parse::<postgres::Config>().map_err(|e| {
-            Error::Config(format!("DATABASE_URL: not a PostgreSQL connection string ({e})"))
+            Error::Config(format!(
+                "DATABASE_URL: not a PostgreSQL connection string ({e})"
+            ))
         })?;
         return Ok(url.to_owned());
     }
@@ -436,7 +450,10 @@ mod tests {
     #[test]
     fn defaults_match_the_spec() {
         let c = parse(&[]).unwrap();
-        assert_eq!(c.database_url, "postgres://postgres@localhost:5432/messages");
+        assert_eq!(
+            c.database_url,
+            "postgres://postgres@localhost:5432/messages"
+        );
         assert_eq!(c.redis_url, "redis://localhost:6379/");
         assert_eq!(c.server_port, 8080);
         assert_eq!(c.server_host, "0.0.0.0");
@@ -470,10 +487,16 @@ mod tests {
             ("REDIS_PASSWORD", "hunter2"),
         ])
         .unwrap();
-        assert_eq!(c.database_url, "postgres://app:p%40ss%20word@db.internal:6432/queue");
+        assert_eq!(
+            c.database_url,
+            "postgres://app:p%40ss%20word@db.internal:6432/queue"
+        );
         assert_eq!(c.redis_url, "redis://:hunter2@cache:6380/");
         let shown = c.to_string();
-        assert!(!shown.contains("p%40ss") && !shown.contains("hunter2"), "{shown}");
+        assert!(
+            !shown.contains("p%40ss") && !shown.contains("hunter2"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -511,7 +534,10 @@ mod tests {
             ("MAX_ATTEMPTS", "0"),
         ] {
             let msg = error_of(&[(name, value)]);
-            assert!(msg.starts_with(&format!("{name}: ")), "{name}={value}: {msg}");
+            assert!(
+                msg.starts_with(&format!("{name}: ")),
+                "{name}={value}: {msg}"
+            );
         }
     }
 

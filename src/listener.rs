@@ -51,7 +51,8 @@ impl Listener {
 
     pub fn alive(&self) -> bool {
         let last = self.heartbeat_ms.load(Ordering::Relaxed);
-        last != 0 && self.origin.elapsed().as_millis() as u64 <= last + STALE_AFTER.as_millis() as u64
+        last != 0
+            && self.origin.elapsed().as_millis() as u64 <= last + STALE_AFTER.as_millis() as u64
     }
 }
 
@@ -60,9 +61,20 @@ fn ring(ring: &Sender<()>) {
     if let Err(TrySendError::Disconnected(_)) = ring.try_send(()) {}
 }
 
-fn listen(store: Store, bell: Sender<()>, origin: Instant, beat: Arc<AtomicU64>, shutdown: Shutdown) {
+fn listen(
+    store: Store,
+    bell: Sender<()>,
+    origin: Instant,
+    beat: Arc<AtomicU64>,
+    shutdown: Shutdown,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    let mark = || beat.store(origin.elapsed().as_millis().max(1) as u64, Ordering::Relaxed);
+    let mark = || {
+        beat.store(
+            origin.elapsed().as_millis().max(1) as u64,
+            Ordering::Relaxed,
+        )
+    };
     while !shutdown.is_triggered() {
         let mut client = match connect(&store) {
             Ok(client) => client,
@@ -113,7 +125,7 @@ fn listen(store: Store, bell: Sender<()>, origin: Instant, beat: Arc<AtomicU64>,
 }
 
 fn connect(store: &Store) -> Result<Client, crate::error::Error> {
-    let mut client = store.connect_plain()?;
+    let mut client = store.connect_for("listener")?;
     client.batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))?;
     Ok(client)
 }

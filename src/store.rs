@@ -124,9 +124,18 @@ impl Store {
         })
     }
 
-    /// A plain client for callers that hold one connection for a special purpose (LISTEN).
-    pub fn connect_plain(&self) -> Result<Client, Error> {
-        Ok(self.config.connect(NoTls)?)
+    /// A plain client for a connection with a special purpose (LISTEN), named
+    /// `message-dispatcher/<instance>/<purpose>` in `pg_stat_activity`.
+    pub fn connect_for(&self, purpose: &str) -> Result<Client, Error> {
+        let mut config = self.config.clone();
+        let name = format!(
+            "{}/{purpose}",
+            config
+                .get_application_name()
+                .unwrap_or("message-dispatcher")
+        );
+        config.application_name(&name);
+        Ok(config.connect(NoTls)?)
     }
 
     /// Runs `f` on the live connection, connecting first if needed; drops the connection when it
@@ -201,7 +210,11 @@ impl Store {
 
     /// Records the outcomes of messages claimed under `epoch` in one statement. Returns how many
     /// rows changed: fewer than given means the epoch was superseded (or rows were recovered).
-    pub fn record(&mut self, epoch: Option<i64>, outcomes: &[(i64, Delivery)]) -> Result<u64, Error> {
+    pub fn record(
+        &mut self,
+        epoch: Option<i64>,
+        outcomes: &[(i64, Delivery)],
+    ) -> Result<u64, Error> {
         let n = outcomes.len();
         let mut ids = Vec::with_capacity(n);
         let mut statuses = Vec::with_capacity(n);
@@ -213,9 +226,13 @@ impl Store {
             ids.push(*id);
             let (status, attempt, error, remote, delay) = match delivery {
                 Delivery::Sent { remote_id } => ("sent", 1, None, remote_id.as_deref(), 0),
-                Delivery::Retry { error, delay } => {
-                    ("pending", 1, Some(error.as_str()), None, delay.as_millis() as i64)
-                }
+                Delivery::Retry { error, delay } => (
+                    "pending",
+                    1,
+                    Some(error.as_str()),
+                    None,
+                    delay.as_millis() as i64,
+                ),
                 Delivery::Failed { error } => ("failed", 1, Some(error.as_str()), None, 0),
                 Delivery::Unsent => ("pending", 0, None, None, 0),
             };
@@ -245,7 +262,11 @@ impl Store {
 
     /// Returns to `pending` rows left `sending` longer than `timeout` by anyone but this
     /// instance's current epoch. Returns how many.
-    pub fn recover_abandoned(&mut self, timeout: Duration, epoch: Option<i64>) -> Result<u64, Error> {
+    pub fn recover_abandoned(
+        &mut self,
+        timeout: Duration,
+        epoch: Option<i64>,
+    ) -> Result<u64, Error> {
         let instance = self.instance_id.clone();
         let ms = timeout.as_millis() as i64;
         self.with(|c| c.client.execute(&c.recover, &[&ms, &instance, &epoch]))
@@ -269,7 +290,10 @@ impl Store {
     pub fn state(&mut self) -> Result<State, Error> {
         self.with(|c| {
             c.client
-                .query_one("SELECT processing_enabled, epoch FROM dispatcher_state", &[])
+                .query_one(
+                    "SELECT processing_enabled, epoch FROM dispatcher_state",
+                    &[],
+                )
                 .map(|r| State {
                     processing_enabled: r.get(0),
                     epoch: r.get(1),
@@ -317,7 +341,11 @@ impl Store {
     }
 
     /// Inserts many messages in one statement; returns how many.
-    pub fn insert_many(&mut self, recipients: &[String], contents: &[String]) -> Result<u64, Error> {
+    pub fn insert_many(
+        &mut self,
+        recipients: &[String],
+        contents: &[String],
+    ) -> Result<u64, Error> {
         self.with(|c| {
             c.client.execute(
                 "INSERT INTO messages (recipient, content)
@@ -388,7 +416,10 @@ fn apply_migrations(client: &mut Client) -> Result<Vec<&'static str>, Error> {
     let mut applied = Vec::new();
     for (version, sql) in MIGRATIONS {
         let done = client
-            .query_opt("SELECT 1 FROM schema_migrations WHERE version = $1", &[version])?
+            .query_opt(
+                "SELECT 1 FROM schema_migrations WHERE version = $1",
+                &[version],
+            )?
             .is_some();
         if done {
             continue;
@@ -396,7 +427,10 @@ fn apply_migrations(client: &mut Client) -> Result<Vec<&'static str>, Error> {
         let mut tx = client.transaction()?;
         tx.batch_execute(sql)
             .map_err(|e| Error::Other(format!("migration {version} failed: {}", Error::from(e))))?;
-        tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[version])?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version) VALUES ($1)",
+            &[version],
+        )?;
         tx.commit()?;
         applied.push(*version);
     }
