@@ -39,7 +39,11 @@ pub struct Api {
 
 impl Api {
     /// Binds the port and starts the handler threads.
-    pub fn start(config: &Config, status: Arc<Status>, metrics: Arc<Metrics>) -> Result<Api, Error> {
+    pub fn start(
+        config: &Config,
+        status: Arc<Status>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Api, Error> {
         let addr = config.listen_addr();
         let server = Server::http(&addr)
             .map_err(|e| Error::Other(format!("cannot listen on {addr}: {e}")))?;
@@ -147,7 +151,11 @@ impl Handler {
         match path {
             "/health" if get => self.health(),
             "/metrics" if get => self.metrics(),
-            "/openapi.json" if get => Ok(respond(200, OPENAPI.as_bytes().to_vec(), "application/json")),
+            "/openapi.json" if get => Ok(respond(
+                200,
+                OPENAPI.as_bytes().to_vec(),
+                "application/json",
+            )),
             "/messages/sent" if get => self.sent(query),
             "/processing/start" | "/processing/stop" if post => {
                 self.authorized(request)?;
@@ -226,7 +234,9 @@ impl Handler {
 
     fn switch(&mut self, enabled: bool) -> Result<Reply, Reply> {
         let enabled = self.store.set_processing(enabled).map_err(unavailable)?;
-        self.status.processing_enabled.store(enabled, Ordering::Relaxed);
+        self.status
+            .processing_enabled
+            .store(enabled, Ordering::Relaxed);
         log::info!(processing_status = if enabled { "running" } else { "stopped" }; "Processing switched");
         Ok(json_reply(
             200,
@@ -263,12 +273,15 @@ impl Handler {
             }
         }
         let (messages, next) = self.store.sent_page(limit, before).map_err(unavailable)?;
-        Ok(json_reply(200, &json!({ "messages": messages, "next": next })))
+        Ok(json_reply(
+            200,
+            &json!({ "messages": messages, "next": next }),
+        ))
     }
 
     fn enqueue(&mut self, body: &[u8]) -> Result<Reply, Reply> {
-        let (recipient, content) = parse_new_message(body, self.content_max_length)
-            .map_err(|msg| bad(&msg))?;
+        let (recipient, content) =
+            parse_new_message(body, self.content_max_length).map_err(|msg| bad(&msg))?;
         let id = self
             .store
             .insert_message(&recipient, &content)
@@ -304,9 +317,7 @@ pub fn parse_new_message(body: &[u8], content_max: usize) -> Result<(String, Str
         return Err(format!("recipient: at most {RECIPIENT_MAX} characters"));
     }
     if recipient.trim() != recipient || recipient.chars().any(char::is_control) {
-        return Err(
-            "recipient: no control characters and no leading or trailing spaces".into(),
-        );
+        return Err("recipient: no control characters and no leading or trailing spaces".into());
     }
     if content.trim().is_empty() {
         return Err("content: must not be empty".into());
@@ -399,11 +410,17 @@ mod tests {
         assert_eq!(field_of(r#"{"recipient":1,"content":"x"}"#), "recipient");
         assert_eq!(field_of(r#"{"recipient":"","content":"x"}"#), "recipient");
         assert_eq!(field_of(r#"{"recipient":" a","content":"x"}"#), "recipient");
-        assert_eq!(field_of(r#"{"recipient":"a\n","content":"x"}"#), "recipient");
+        assert_eq!(
+            field_of(r#"{"recipient":"a\n","content":"x"}"#),
+            "recipient"
+        );
         assert_eq!(field_of(r#"{"recipient":"a"}"#), "content");
         assert_eq!(field_of(r#"{"recipient":"a","content":"  "}"#), "content");
         assert_eq!(field_of(r#"{"recipient":"a","content":null}"#), "content");
-        assert_eq!(field_of(r#"{"recipient":"a","content":"x","extra":1}"#), "extra");
+        assert_eq!(
+            field_of(r#"{"recipient":"a","content":"x","extra":1}"#),
+            "extra"
+        );
     }
 
     #[test]

@@ -91,7 +91,10 @@ impl Lease {
     }
 
     /// Runs a Redis call, dropping the connection if it fails so the next call reconnects.
-    fn call<T>(&mut self, f: impl FnOnce(&mut Lease, &mut Connection) -> redis::RedisResult<T>) -> Result<T, Error> {
+    fn call<T>(
+        &mut self,
+        f: impl FnOnce(&mut Lease, &mut Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, Error> {
         self.connection()?;
         let mut conn = self.conn.take().expect("connected above");
         let result = f(self, &mut conn);
@@ -159,7 +162,11 @@ pub struct Leadership {
 }
 
 impl Leadership {
-    pub fn new(config: &Config, instance_id: &str, metrics: Arc<Metrics>) -> Result<Leadership, Error> {
+    pub fn new(
+        config: &Config,
+        instance_id: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Leadership, Error> {
         if !config.lock_enabled {
             return Ok(Leadership {
                 lease: None,
@@ -186,7 +193,8 @@ impl Leadership {
                 key: config.lock_key.clone(),
                 token,
                 ttl: config.lock_ttl,
-                io_timeout: (config.lock_ttl / 6).clamp(Duration::from_millis(100), Duration::from_secs(2)),
+                io_timeout: (config.lock_ttl / 6)
+                    .clamp(Duration::from_millis(100), Duration::from_secs(2)),
                 extend: Script::new(EXTEND),
                 release: Script::new(RELEASE),
             }),
@@ -260,7 +268,9 @@ impl Leadership {
     }
 
     fn key(&self) -> String {
-        self.lease.as_ref().map_or_else(String::new, |l| l.key.clone())
+        self.lease
+            .as_ref()
+            .map_or_else(String::new, |l| l.key.clone())
     }
 
     fn extend(&mut self) {
@@ -352,7 +362,9 @@ impl Leadership {
         self.permit.revoke();
         self.leading = false;
         if let Some(since) = self.held_since.take() {
-            self.metrics.lock_held_seconds.inc_by(since.elapsed().as_secs_f64());
+            self.metrics
+                .lock_held_seconds
+                .inc_by(since.elapsed().as_secs_f64());
         }
         self.metrics.lock_held.set(0);
         self.metrics.epoch.set(0);
@@ -370,8 +382,12 @@ impl Leadership {
         }
         match lease.release() {
             Ok(true) => log::info!(key = lease.key.as_str(); "Lock released"),
-            Ok(false) => log::debug!(key = lease.key.as_str(); "Lock was no longer ours at shutdown"),
-            Err(e) => log::warn!(key = lease.key.as_str(), error = e.to_string().as_str(); "Cannot release the lock; it expires by itself"),
+            Ok(false) => {
+                log::debug!(key = lease.key.as_str(); "Lock was no longer ours at shutdown")
+            }
+            Err(e) => {
+                log::warn!(key = lease.key.as_str(), error = e.to_string().as_str(); "Cannot release the lock; it expires by itself")
+            }
         }
         self.deadline = None;
     }

@@ -16,7 +16,11 @@ const OWN_CRATES: &[&str] = &["message_dispatcher", "webhook_sink", "add_test_me
 
 /// Installs the global logger. Safe to call once per process.
 pub fn init(config: &Config) {
-    init_with(config.log_level, config.log_format, config.rust_log.as_deref());
+    init_with(
+        config.log_level,
+        config.log_format,
+        config.rust_log.as_deref(),
+    );
 }
 
 pub fn init_with(level: log::LevelFilter, format: LogFormat, rust_log: Option<&str>) {

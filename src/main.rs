@@ -41,7 +41,11 @@ fn run(args: &[String]) -> Result<(), Error> {
     let command = match args {
         [] => "serve",
         [one] => one.as_str(),
-        _ => return Err(Error::Usage(format!("expected one command, got {args:?}\n\n{USAGE}"))),
+        _ => {
+            return Err(Error::Usage(format!(
+                "expected one command, got {args:?}\n\n{USAGE}"
+            )))
+        }
     };
     match command {
         "help" | "-h" | "--help" => {
@@ -70,7 +74,9 @@ fn run(args: &[String]) -> Result<(), Error> {
             Ok(())
         }
         "healthcheck" => healthcheck(),
-        other => Err(Error::Usage(format!("unknown command {other:?}\n\n{USAGE}"))),
+        other => Err(Error::Usage(format!(
+            "unknown command {other:?}\n\n{USAGE}"
+        ))),
     }
 }
 
@@ -85,7 +91,10 @@ fn healthcheck() -> Result<(), Error> {
         .into();
     match agent.get(&url).call() {
         Ok(response) if response.status() == 200 => Ok(()),
-        Ok(response) => Err(Error::Other(format!("{url} answered {}", response.status()))),
+        Ok(response) => Err(Error::Other(format!(
+            "{url} answered {}",
+            response.status()
+        ))),
         Err(e) => Err(Error::Other(format!("{url}: {e}"))),
     }
 }

@@ -59,21 +59,81 @@ impl Metrics {
         };
         let r = &mut registry;
         r.register("messages_sent", "Messages delivered (2xx)", m.sent.clone());
-        r.register("messages_failed", "Messages marked failed", m.failed.clone());
-        r.register("messages_retried", "Deliveries that will be retried", m.retried.clone());
-        r.register("messages_returned", "Claimed messages returned unsent (lease lost, shutdown, cycle over)", m.returned.clone());
-        r.register("messages_recovered", "Messages recovered from an abandoned `sending` state", m.recovered.clone());
-        r.register("webhook_request_duration_seconds", "Webhook request latency", m.webhook_latency.clone());
-        r.register("batch_duration_seconds", "Time from claiming a batch to recording its last outcome", m.batch_duration.clone());
-        r.register("queue_depth", "Messages by status (pending, sending)", m.queue_depth.clone());
-        r.register("lock_acquisitions", "Times this instance acquired the lease", m.lock_acquisitions.clone());
-        r.register("lock_acquire_failures", "Attempts to acquire the lease that failed (held elsewhere or Redis down)", m.lock_acquire_failures.clone());
-        r.register("lock_extensions", "Successful lease extensions", m.lock_extensions.clone());
-        r.register("lock_extension_failures", "Lease extensions that failed", m.lock_extension_failures.clone());
-        r.register("lock_losses", "Times this instance lost the lease while holding it", m.lock_losses.clone());
-        r.register("lock_held", "1 while this instance holds the lease", m.lock_held.clone());
-        r.register("lock_held_seconds", "Time this instance has held the lease", m.lock_held_seconds.clone());
-        r.register("leadership_epoch", "The leadership epoch this instance holds (0 when none)", m.epoch.clone());
+        r.register(
+            "messages_failed",
+            "Messages marked failed",
+            m.failed.clone(),
+        );
+        r.register(
+            "messages_retried",
+            "Deliveries that will be retried",
+            m.retried.clone(),
+        );
+        r.register(
+            "messages_returned",
+            "Claimed messages returned unsent (lease lost, shutdown, cycle over)",
+            m.returned.clone(),
+        );
+        r.register(
+            "messages_recovered",
+            "Messages recovered from an abandoned `sending` state",
+            m.recovered.clone(),
+        );
+        r.register(
+            "webhook_request_duration_seconds",
+            "Webhook request latency",
+            m.webhook_latency.clone(),
+        );
+        r.register(
+            "batch_duration_seconds",
+            "Time from claiming a batch to recording its last outcome",
+            m.batch_duration.clone(),
+        );
+        r.register(
+            "queue_depth",
+            "Messages by status (pending, sending)",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "lock_acquisitions",
+            "Times this instance acquired the lease",
+            m.lock_acquisitions.clone(),
+        );
+        r.register(
+            "lock_acquire_failures",
+            "Attempts to acquire the lease that failed (held elsewhere or Redis down)",
+            m.lock_acquire_failures.clone(),
+        );
+        r.register(
+            "lock_extensions",
+            "Successful lease extensions",
+            m.lock_extensions.clone(),
+        );
+        r.register(
+            "lock_extension_failures",
+            "Lease extensions that failed",
+            m.lock_extension_failures.clone(),
+        );
+        r.register(
+            "lock_losses",
+            "Times this instance lost the lease while holding it",
+            m.lock_losses.clone(),
+        );
+        r.register(
+            "lock_held",
+            "1 while this instance holds the lease",
+            m.lock_held.clone(),
+        );
+        r.register(
+            "lock_held_seconds",
+            "Time this instance has held the lease",
+            m.lock_held_seconds.clone(),
+        );
+        r.register(
+            "leadership_epoch",
+            "The leadership epoch this instance holds (0 when none)",
+            m.epoch.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -133,8 +133,12 @@ impl Scheduler {
 
     fn publish_leadership(&mut self, was_leading: bool) {
         let leading = self.leadership.leading();
-        self.status.lock_held.store(leading && self.leadership.enabled(), Ordering::Relaxed);
-        self.status.redis_ok.store(self.leadership.redis_ok(), Ordering::Relaxed);
+        self.status
+            .lock_held
+            .store(leading && self.leadership.enabled(), Ordering::Relaxed);
+        self.status
+            .redis_ok
+            .store(self.leadership.redis_ok(), Ordering::Relaxed);
         if leading && !was_leading {
             // A new leader starts a cycle at once instead of waiting an interval.
             self.next_claim = Instant::now();
@@ -185,7 +189,12 @@ impl Scheduler {
         self.interval.is_zero()
     }
 
-    fn dispatch(&mut self, claimed: Vec<crate::message::Claimed>, epoch: Option<i64>, now: Instant) {
+    fn dispatch(
+        &mut self,
+        claimed: Vec<crate::message::Claimed>,
+        epoch: Option<i64>,
+        now: Instant,
+    ) {
         let batch = self.next_batch;
         self.next_batch += 1;
         self.batches.insert(
@@ -204,7 +213,15 @@ impl Scheduler {
         for message in claimed {
             self.in_flight += 1;
             // The channel holds max_in_flight jobs, so this never blocks.
-            if self.jobs.send(Job { message, batch, not_after }).is_err() {
+            if self
+                .jobs
+                .send(Job {
+                    message,
+                    batch,
+                    not_after,
+                })
+                .is_err()
+            {
                 self.in_flight -= 1;
             }
         }
@@ -215,7 +232,9 @@ impl Scheduler {
         let Ok(state) = self.store.state() else {
             return;
         };
-        self.status.processing_enabled.store(state.processing_enabled, Ordering::Relaxed);
+        self.status
+            .processing_enabled
+            .store(state.processing_enabled, Ordering::Relaxed);
         if let Some(epoch) = self.leadership.epoch() {
             if state.epoch != epoch && self.leadership.leading() {
                 self.leadership.fenced(state.epoch);
@@ -229,7 +248,11 @@ impl Scheduler {
     /// is not known to be alive.
     fn idle_until(&mut self, now: Instant) -> Instant {
         let listening = self.listener.as_ref().is_some_and(Listener::alive);
-        let cap = if listening { Duration::from_secs(60) } else { IDLE_CHECK };
+        let cap = if listening {
+            Duration::from_secs(60)
+        } else {
+            IDLE_CHECK
+        };
         let due_in = if self.status.processing_enabled.load(Ordering::Relaxed) {
             self.store.next_due_in().ok().flatten()
         } else {
@@ -276,7 +299,10 @@ impl Scheduler {
         let mut by_epoch: HashMap<Option<i64>, Vec<(i64, Delivery)>> = HashMap::new();
         for o in &self.buffered {
             let epoch = self.batches.get(&o.batch).and_then(|b| b.epoch);
-            by_epoch.entry(epoch).or_default().push((o.id, o.delivery.clone()));
+            by_epoch
+                .entry(epoch)
+                .or_default()
+                .push((o.id, o.delivery.clone()));
         }
         for (epoch, rows) in &by_epoch {
             match self.store.record(*epoch, rows) {
@@ -334,7 +360,9 @@ impl Scheduler {
     fn wait(&mut self) {
         let now = Instant::now();
         let mut until = self.leadership.next_tick();
-        if self.leadership.leading() && self.in_flight + (self.batch_size as usize) <= self.max_in_flight {
+        if self.leadership.leading()
+            && self.in_flight + (self.batch_size as usize) <= self.max_in_flight
+        {
             until = until.min(self.next_claim);
         }
         if let Some(since) = self.buffered_since {

@@ -74,7 +74,10 @@ impl Webhook {
                 .as_secs();
             request = request
                 .header("webhook-timestamp", timestamp.to_string())
-                .header("webhook-signature", sign(key, &webhook_id, timestamp, &body));
+                .header(
+                    "webhook-signature",
+                    sign(key, &webhook_id, timestamp, &body),
+                );
         }
         let answer = match request.send(&body[..]) {
             Ok(response) => read_answer(response),
@@ -111,9 +114,16 @@ impl Webhook {
 /// The receiver's answer, before the attempt count is taken into account.
 #[derive(Debug, PartialEq, Eq)]
 enum Answer {
-    Delivered { remote_id: Option<String> },
-    Transient { error: String, retry_after: Option<Duration> },
-    Permanent { error: String },
+    Delivered {
+        remote_id: Option<String>,
+    },
+    Transient {
+        error: String,
+        retry_after: Option<Duration>,
+    },
+    Permanent {
+        error: String,
+    },
 }
 
 fn read_answer(mut response: ureq::http::Response<ureq::Body>) -> Answer {
@@ -266,7 +276,10 @@ mod tests {
 
     #[test]
     fn numeric_message_ids_are_kept() {
-        assert_eq!(remote_message_id(br#"{"messageId": 42}"#), Some("42".into()));
+        assert_eq!(
+            remote_message_id(br#"{"messageId": 42}"#),
+            Some("42".into())
+        );
         assert_eq!(remote_message_id(br#"{"id": 42}"#), None);
     }
 

@@ -22,20 +22,36 @@ fn delivers_every_message_exactly_once() {
     wait_until(LONG, "all 50 messages sent", || db.count("sent") == 50);
     let keys = receiver.keys();
     assert_eq!(keys.len(), 50);
-    assert!(keys.values().all(|&n| n == 1), "a message was sent twice: {keys:?}");
+    assert!(
+        keys.values().all(|&n| n == 1),
+        "a message was sent twice: {keys:?}"
+    );
     for id in &ids {
         let (status, attempts, error, remote) = db.row(*id);
         assert_eq!((status.as_str(), attempts, error), ("sent", 1, None));
         assert_eq!(remote.as_deref(), Some("remote-1"));
     }
-    let first = receiver.seen().into_iter().find(|s| s.key() == ids[0]).unwrap();
-    assert_eq!(first.json(), serde_json::json!({"to": "+905550000000", "content": "test message 0"}));
+    let first = receiver
+        .seen()
+        .into_iter()
+        .find(|s| s.key() == ids[0])
+        .unwrap();
+    assert_eq!(
+        first.json(),
+        serde_json::json!({"to": "+905550000000", "content": "test message 0"})
+    );
     assert_eq!(first.header("Content-Type"), Some("application/json"));
-    assert_eq!(first.header("webhook-id"), Some(format!("msg_{}", ids[0]).as_str()));
+    assert_eq!(
+        first.header("webhook-id"),
+        Some(format!("msg_{}", ids[0]).as_str())
+    );
     assert!(first.header("webhook-signature").is_none());
     let sent_at: i64 = db
         .client()
-        .query_one("SELECT count(*) FROM messages WHERE sent_at IS NOT NULL", &[])
+        .query_one(
+            "SELECT count(*) FROM messages WHERE sent_at IS NOT NULL",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert_eq!(sent_at, 50);
@@ -63,7 +79,11 @@ fn a_cycle_claims_at_most_batch_size() {
     let seen = receiver.seen();
     let first = seen.iter().map(|s| s.at).min().unwrap();
     let last = seen.iter().map(|s| s.at).max().unwrap();
-    assert!(last - first >= Duration::from_millis(1800), "{:?}", last - first);
+    assert!(
+        last - first >= Duration::from_millis(1800),
+        "{:?}",
+        last - first
+    );
 }
 
 #[test]
@@ -81,10 +101,16 @@ fn transient_errors_are_retried_with_the_same_key() {
     wait_until(LONG, "the message sent", || db.count("sent") == 1);
     let (status, attempts, error, _) = db.row(id);
     assert_eq!((status.as_str(), attempts), ("sent", 3));
-    assert_eq!(error.as_deref(), Some("HTTP 503"), "the last error is kept for the record");
+    assert_eq!(
+        error.as_deref(),
+        Some("HTTP 503"),
+        "the last error is kept for the record"
+    );
     let seen = receiver.seen();
     assert_eq!(seen.len(), 3);
-    assert!(seen.iter().all(|s| s.key() == id && s.header("webhook-id") == Some(&format!("msg_{id}"))));
+    assert!(seen
+        .iter()
+        .all(|s| s.key() == id && s.header("webhook-id") == Some(&format!("msg_{id}"))));
     // Backoff: the retries are spread out, not immediate.
     assert!(seen[1].at - seen[0].at >= Duration::from_millis(50));
 }
@@ -106,7 +132,10 @@ fn a_client_error_fails_at_once() {
     wait_until(LONG, "the message failed", || db.count("failed") == 1);
     let (_, attempts, error, _) = db.row(id);
     assert_eq!(attempts, 1);
-    assert_eq!(error.as_deref(), Some(r#"HTTP 400: {"error":"bad recipient"}"#));
+    assert_eq!(
+        error.as_deref(),
+        Some(r#"HTTP 400: {"error":"bad recipient"}"#)
+    );
     // Later cycles deliver other messages but never retry the failed one.
     db.insert(3);
     wait_until(LONG, "the later messages sent", || db.count("sent") == 3);
@@ -144,7 +173,11 @@ fn retry_after_is_honoured() {
     let _daemon = Daemon::start(&env);
     wait_until(LONG, "the message sent", || db.count("sent") == 1);
     let seen = receiver.seen();
-    assert!(seen[1].at - seen[0].at >= Duration::from_millis(950), "{:?}", seen[1].at - seen[0].at);
+    assert!(
+        seen[1].at - seen[0].at >= Duration::from_millis(950),
+        "{:?}",
+        seen[1].at - seen[0].at
+    );
 }
 
 #[test]
@@ -165,7 +198,9 @@ fn receiver_down_means_retry_not_failure() {
     assert!(error.unwrap().contains("request failed"));
 
     let receiver = Receiver::start_on(port);
-    wait_until(LONG, "delivery once the receiver is back", || db.count("sent") == 3);
+    wait_until(LONG, "delivery once the receiver is back", || {
+        db.count("sent") == 3
+    });
     assert_eq!(receiver.keys().len(), 3);
 }
 
@@ -191,7 +226,10 @@ fn requests_are_signed_as_standard_webhooks() {
     let db = TestDb::migrated();
     let receiver = Receiver::start();
     let key = b"a test key of some length";
-    let secret = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key));
+    let secret = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    );
     let id = db.insert(1)[0];
     let mut env = daemon_env(&db, &receiver.url());
     set(&mut env, "WEBHOOK_SECRET", &secret);
@@ -285,11 +323,21 @@ fn check_config_prints_the_effective_config_without_secrets() {
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
     let out = run(DISPATCHER, &["check-config"], &env);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("BATCH_SIZE=7\n"));
     assert!(text.contains("PROCESSING_INTERVAL=2m\n"));
-    for secret in ["db-secret-1", "redis-secret-2", "token-secret-3", "hook-secret-4", "c2VjcmV0LXNlY3JldC01"] {
+    for secret in [
+        "db-secret-1",
+        "redis-secret-2",
+        "token-secret-3",
+        "hook-secret-4",
+        "c2VjcmV0LXNlY3JldC01",
+    ] {
         assert!(!text.contains(secret), "{secret} leaked:\n{text}");
     }
 }
@@ -298,7 +346,10 @@ fn check_config_prints_the_effective_config_without_secrets() {
 fn unreachable_database_is_a_fatal_error_with_exit_1() {
     let port = free_port();
     let env: Vec<(String, String)> = vec![
-        ("DATABASE_URL".into(), format!("postgres://postgres:pw-secret@127.0.0.1:{port}/x")),
+        (
+            "DATABASE_URL".into(),
+            format!("postgres://postgres:pw-secret@127.0.0.1:{port}/x"),
+        ),
         ("WEBHOOK_URL".into(), "http://127.0.0.1:9/".into()),
     ];
     let out = run(DISPATCHER, &["migrate"], &env);
@@ -311,8 +362,15 @@ fn add_test_messages_inserts_and_reports() {
     let db = TestDb::new();
     let env = vec![("DATABASE_URL".to_string(), db.url.clone())];
     let out = run(ADD_TEST_MESSAGES, &["25"], &env);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "Inserted 25 test messages");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "Inserted 25 test messages"
+    );
     assert_eq!(db.count("pending"), 25);
     let out = run(ADD_TEST_MESSAGES, &[], &env);
     assert!(out.status.success());

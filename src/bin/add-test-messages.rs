@@ -49,7 +49,9 @@ fn run() -> Result<(), Error> {
             .ok()
             .filter(|n| (1..=10_000_000).contains(n))
             .ok_or_else(|| {
-                Error::Usage(format!("N: expected a whole number from 1 to 10000000, got {n:?}\n\n{USAGE}"))
+                Error::Usage(format!(
+                    "N: expected a whole number from 1 to 10000000, got {n:?}\n\n{USAGE}"
+                ))
             })?,
         _ => return Err(Error::Usage(USAGE.into())),
     };

@@ -87,7 +87,11 @@ fn serve(server: &Server, options: &Options, counter: &AtomicU64) {
             .map(|h| h.value.as_str().to_owned())
             .unwrap_or_default();
         if !options.quiet {
-            println!("#{n} {} {} key={key} -> {status} {body}", request.method(), request.url());
+            println!(
+                "#{n} {} {} key={key} -> {status} {body}",
+                request.method(),
+                request.url()
+            );
         }
         let reply = if (200..300).contains(&status) {
             serde_json::json!({"message": "Accepted", "messageId": uuid::Uuid::new_v4().to_string()})
@@ -118,11 +122,13 @@ fn parse(args: Vec<String>) -> Result<Option<Options>, String> {
             "--addr" => options.addr = value("--addr")?,
             "--status" => {
                 let raw = value("--status")?;
-                options.status = raw
-                    .parse()
-                    .ok()
-                    .filter(|c| (100..=599).contains(c))
-                    .ok_or(format!("--status: expected an HTTP status code, got {raw:?}"))?;
+                options.status =
+                    raw.parse()
+                        .ok()
+                        .filter(|c| (100..=599).contains(c))
+                        .ok_or(format!(
+                            "--status: expected an HTTP status code, got {raw:?}"
+                        ))?;
             }
             "--fail-every" => {
                 let raw = value("--fail-every")?;
@@ -132,8 +138,9 @@ fn parse(args: Vec<String>) -> Result<Option<Options>, String> {
             }
             "--delay" => {
                 let raw = value("--delay")?;
-                options.delay = humantime::parse_duration(&raw)
-                    .map_err(|e| format!("--delay: expected a duration like 200ms, got {raw:?} ({e})"))?;
+                options.delay = humantime::parse_duration(&raw).map_err(|e| {
+                    format!("--delay: expected a duration like 200ms, got {raw:?} ({e})")
+                })?;
             }
             "--threads" => {
                 let raw = value("--threads")?;

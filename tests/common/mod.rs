@@ -41,7 +41,10 @@ pub fn unique(prefix: &str) -> String {
 pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !check() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -85,7 +88,11 @@ impl TestDb {
             .env("DATABASE_URL", &db.url)
             .output()
             .unwrap();
-        assert!(out.status.success(), "migrate failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "migrate failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         db
     }
 
@@ -109,7 +116,10 @@ impl TestDb {
 
     pub fn count(&self, status: &str) -> i64 {
         self.client()
-            .query_one("SELECT count(*) FROM messages WHERE status = $1", &[&status])
+            .query_one(
+                "SELECT count(*) FROM messages WHERE status = $1",
+                &[&status],
+            )
             .unwrap()
             .get(0)
     }
@@ -130,7 +140,10 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Ok(mut admin) = postgres::Client::connect(&admin_url(), postgres::NoTls) {
-            let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+            let _ = admin.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ));
         }
     }
 }
@@ -146,7 +159,9 @@ pub struct Seen {
 
 impl Seen {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -235,7 +250,12 @@ impl Receiver {
                             headers: request
                                 .headers()
                                 .iter()
-                                .map(|h| (h.field.to_string().to_ascii_lowercase(), h.value.to_string()))
+                                .map(|h| {
+                                    (
+                                        h.field.to_string().to_ascii_lowercase(),
+                                        h.value.to_string(),
+                                    )
+                                })
                                 .collect(),
                             body,
                             at,
@@ -245,7 +265,9 @@ impl Receiver {
                             let key = request_seen.header("Idempotency-Key").map(str::to_owned);
                             let before = all
                                 .iter()
-                                .filter(|s: &&Seen| s.header("Idempotency-Key").map(str::to_owned) == key)
+                                .filter(|s: &&Seen| {
+                                    s.header("Idempotency-Key").map(str::to_owned) == key
+                                })
                                 .count();
                             all.push(request_seen.clone());
                             before
@@ -409,9 +431,11 @@ impl Daemon {
     }
 
     pub fn wait_healthy_or_degraded(&self) {
-        wait_until(Duration::from_secs(20), "the daemon's /health to answer", || {
-            self.health().is_some()
-        });
+        wait_until(
+            Duration::from_secs(20),
+            "the daemon's /health to answer",
+            || self.health().is_some(),
+        );
     }
 
     pub fn logs(&self) -> Vec<String> {
@@ -449,7 +473,11 @@ impl Daemon {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "{} did not exit within {timeout:?}", self.name);
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {timeout:?}",
+                self.name
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -480,7 +508,12 @@ pub fn get(url: &str) -> Option<(u16, serde_json::Value)> {
 }
 
 /// Any request; returns (status, body text). Never follows redirects, never errors on 4xx/5xx.
-pub fn request(method: &str, url: &str, body: Option<&[u8]>, headers: &[(&str, &str)]) -> Option<(u16, String)> {
+pub fn request(
+    method: &str,
+    url: &str,
+    body: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) -> Option<(u16, String)> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(5)))
