@@ -441,7 +441,9 @@ impl Scheduler {
                 "Stopping with messages still in flight; they return to pending after the recovery timeout"
             );
         }
-        self.leadership.release();
+        // Stop claiming the lease in /health before giving it up: once the key is gone another
+        // instance may take it, and two instances must never both report it held.
         self.status.lock_held.store(false, Ordering::Relaxed);
+        self.leadership.release();
     }
 }
