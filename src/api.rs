@@ -86,7 +86,7 @@ struct Handler {
 
 /// A Redis connection kept for `/health`'s PING.
 struct RedisCheck {
-    client: redis::Client,
+    redis: crate::connect::Redis,
     conn: Option<redis::Connection>,
 }
 
@@ -94,11 +94,9 @@ impl RedisCheck {
     fn ping(&mut self) -> bool {
         let timeout = Duration::from_secs(1);
         if self.conn.is_none() {
-            let Ok(conn) = self.client.get_connection_with_timeout(timeout) else {
+            let Ok(conn) = self.redis.connect(timeout) else {
                 return false;
             };
-            let _ = conn.set_read_timeout(Some(timeout));
-            let _ = conn.set_write_timeout(Some(timeout));
             self.conn = Some(conn);
         }
         let conn = self.conn.as_mut().expect("connected above");
@@ -116,15 +114,14 @@ impl Handler {
     fn new(config: &Config, status: Arc<Status>, metrics: Arc<Metrics>) -> Result<Handler, Error> {
         let redis = if config.lock_enabled {
             Some(RedisCheck {
-                client: redis::Client::open(config.redis_url.as_str())
-                    .map_err(|e| Error::Config(format!("REDIS_URL: {e}")))?,
+                redis: crate::connect::Redis::new(&config.redis)?,
                 conn: None,
             })
         } else {
             None
         };
         Ok(Handler {
-            store: Store::new(&config.database_url, &status.instance_id)?,
+            store: Store::new(config.postgres()?, &status.instance_id),
             redis,
             status,
             metrics,

@@ -6,18 +6,23 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use base64::Engine;
 use url::Url;
 
+use crate::connect::{self, RedisSettings};
 use crate::error::Error;
 
 /// What the daemon needs to know, with every default already applied.
 #[derive(Clone)]
 pub struct Config {
     pub database_url: String,
-    pub redis_url: String,
+    /// DB_SSL_ROOT_CERT: overrides `sslrootcert` in DATABASE_URL.
+    pub db_ssl_root_cert: Option<PathBuf>,
+    /// REDIS_URL (or its parts), REDIS_CA_CERT, REDIS_SENTINELS, REDIS_SENTINEL_MASTER.
+    pub redis: RedisSettings,
     pub server_host: String,
     pub server_port: u16,
     /// Required by `serve` and `check-config`; `migrate` and the helpers do without it.
@@ -58,10 +63,14 @@ pub const VARIABLES: &[&str] = &[
     "DB_USER",
     "DB_PASSWORD",
     "DB_NAME",
+    "DB_SSL_ROOT_CERT",
     "REDIS_URL",
     "REDIS_HOST",
     "REDIS_PORT",
     "REDIS_PASSWORD",
+    "REDIS_CA_CERT",
+    "REDIS_SENTINELS",
+    "REDIS_SENTINEL_MASTER",
     "SERVER_HOST",
     "SERVER_PORT",
     "WEBHOOK_URL",
@@ -98,7 +107,8 @@ impl Config {
         let env = Env(vars);
         let config = Config {
             database_url: database_url(&env)?,
-            redis_url: redis_url(&env)?,
+            db_ssl_root_cert: env.get("DB_SSL_ROOT_CERT").map(PathBuf::from),
+            redis: redis_settings(&env)?,
             server_host: env.get("SERVER_HOST").unwrap_or("0.0.0.0").to_owned(),
             server_port: env.parse_num("SERVER_PORT", 8080, 0, u16::MAX.into())? as u16,
             webhook_url: env.get("WEBHOOK_URL").map(webhook_url).transpose()?,
@@ -129,6 +139,10 @@ impl Config {
 
     /// Rules between variables, which no single value can break on its own.
     fn check_relations(&self) -> Result<(), Error> {
+        self.postgres()?;
+        if self.lock_enabled {
+            connect::Redis::new(&self.redis)?;
+        }
         if self.retry_base_delay > self.retry_max_delay {
             return Err(Error::Config(format!(
                 "RETRY_BASE_DELAY: {} is longer than RETRY_MAX_DELAY ({})",
@@ -145,6 +159,11 @@ impl Config {
             )));
         }
         Ok(())
+    }
+
+    /// The PostgreSQL server with its TLS settings resolved.
+    pub fn postgres(&self) -> Result<connect::Postgres, Error> {
+        connect::Postgres::new(&self.database_url, self.db_ssl_root_cert.as_deref())
     }
 
     /// `serve` and `check-config` cannot run without a webhook.
@@ -195,9 +214,32 @@ impl fmt::Display for Config {
             .webhook_url
             .as_ref()
             .map_or("<unset>".to_owned(), |u| redact_url(u.as_str()));
-        let lines: [(&str, String); 24] = [
+        let pg = self.postgres().ok();
+        let lines: [(&str, String); 29] = [
             ("DATABASE_URL", redact_url(&self.database_url)),
-            ("REDIS_URL", redact_url(&self.redis_url)),
+            ("DB_SSL_ROOT_CERT", path_or_unset(&self.db_ssl_root_cert)),
+            (
+                "database_tls",
+                pg.as_ref()
+                    .map_or("<invalid>".into(), |p| p.tls().to_string()),
+            ),
+            ("REDIS_URL", redact_url(&self.redis.url)),
+            ("REDIS_CA_CERT", path_or_unset(&self.redis.ca_cert)),
+            (
+                "REDIS_SENTINELS",
+                if self.redis.sentinels.is_empty() {
+                    "<unset>".into()
+                } else {
+                    self.redis.sentinels.join(",")
+                },
+            ),
+            (
+                "REDIS_SENTINEL_MASTER",
+                self.redis
+                    .sentinel_master
+                    .clone()
+                    .unwrap_or("<unset>".into()),
+            ),
             ("SERVER_HOST", self.server_host.clone()),
             ("SERVER_PORT", self.server_port.to_string()),
             ("WEBHOOK_URL", webhook),
@@ -241,6 +283,11 @@ impl fmt::Display for Config {
         }
         Ok(())
     }
+}
+
+fn path_or_unset(path: &Option<PathBuf>) -> String {
+    path.as_ref()
+        .map_or("<unset>".into(), |p| p.display().to_string())
 }
 
 fn mode(config: &Config) -> String {
@@ -357,6 +404,39 @@ fn database_url(env: &Env) -> Result<String, Error> {
     Ok(url.to_string())
 }
 
+fn redis_settings(env: &Env) -> Result<RedisSettings, Error> {
+    let sentinels: Vec<String> = env
+        .get("REDIS_SENTINELS")
+        .map(|list| {
+            list.split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    let sentinel_master = env.get("REDIS_SENTINEL_MASTER").map(str::to_owned);
+    if sentinels.is_empty() != sentinel_master.is_none() {
+        return Err(Error::Config(
+            "REDIS_SENTINELS: set together with REDIS_SENTINEL_MASTER (or neither)".into(),
+        ));
+    }
+    if let Some(bad) = sentinels
+        .iter()
+        .find(|s| connect::parse_host_port(s).is_none())
+    {
+        return Err(Error::Config(format!(
+            "REDIS_SENTINELS: expected host:port,host:port,…, got {bad:?}"
+        )));
+    }
+    Ok(RedisSettings {
+        url: redis_url(env)?,
+        ca_cert: env.get("REDIS_CA_CERT").map(PathBuf::from),
+        sentinels,
+        sentinel_master,
+        password: env.get("REDIS_PASSWORD").map(str::to_owned),
+    })
+}
+
 fn redis_url(env: &Env) -> Result<String, Error> {
     if let Some(url) = env.get("REDIS_URL") {
         redis::Client::open(url)
@@ -454,7 +534,7 @@ mod tests {
             c.database_url,
             "postgres://postgres@localhost:5432/messages"
         );
-        assert_eq!(c.redis_url, "redis://localhost:6379/");
+        assert_eq!(c.redis.url, "redis://localhost:6379/");
         assert_eq!(c.server_port, 8080);
         assert_eq!(c.server_host, "0.0.0.0");
         assert_eq!(c.webhook_timeout, Duration::from_secs(10));
@@ -491,7 +571,7 @@ mod tests {
             c.database_url,
             "postgres://app:p%40ss%20word@db.internal:6432/queue"
         );
-        assert_eq!(c.redis_url, "redis://:hunter2@cache:6380/");
+        assert_eq!(c.redis.url, "redis://:hunter2@cache:6380/");
         let shown = c.to_string();
         assert!(
             !shown.contains("p%40ss") && !shown.contains("hunter2"),

@@ -28,7 +28,7 @@ pub fn serve(config: &Config) -> Result<(), Error> {
     shutdown.on_signals()?;
 
     let instance_id = new_instance_id();
-    let mut store = Store::new(&config.database_url, &instance_id)?;
+    let mut store = Store::new(config.postgres()?, &instance_id);
     migrate(&mut store)?;
 
     let status = Arc::new(Status::new(&instance_id, config.lock_enabled));
@@ -49,7 +49,7 @@ pub fn serve(config: &Config) -> Result<(), Error> {
         metrics.clone(),
     )?;
     let listener = if config.continuous() {
-        let listen_store = Store::new(&config.database_url, &instance_id)?;
+        let listen_store = Store::new(config.postgres()?, &instance_id);
         Some(Listener::start(listen_store, shutdown.clone())?)
     } else {
         None

@@ -69,7 +69,7 @@ impl Permit {
 
 /// The Redis side of the lease.
 struct Lease {
-    client: redis::Client,
+    redis: crate::connect::Redis,
     conn: Option<Connection>,
     key: String,
     token: String,
@@ -82,10 +82,7 @@ struct Lease {
 impl Lease {
     fn connection(&mut self) -> Result<&mut Connection, Error> {
         if self.conn.is_none() {
-            let conn = self.client.get_connection_with_timeout(self.io_timeout)?;
-            conn.set_read_timeout(Some(self.io_timeout))?;
-            conn.set_write_timeout(Some(self.io_timeout))?;
-            self.conn = Some(conn);
+            self.conn = Some(self.redis.connect(self.io_timeout)?);
         }
         Ok(self.conn.as_mut().expect("connected above"))
     }
@@ -183,12 +180,11 @@ impl Leadership {
                 metrics,
             });
         }
-        let client = redis::Client::open(config.redis_url.as_str())
-            .map_err(|e| Error::Config(format!("REDIS_URL: {e}")))?;
+        let redis = crate::connect::Redis::new(&config.redis)?;
         let token = format!("{instance_id}:{:032x}", rand::random::<u128>());
         Ok(Leadership {
             lease: Some(Lease {
-                client,
+                redis,
                 conn: None,
                 key: config.lock_key.clone(),
                 token,

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod backoff;
 pub mod config;
+pub mod connect;
 pub mod daemon;
 pub mod error;
 pub mod lease;

@@ -23,6 +23,7 @@ Commands:
 Exit codes: 0 clean stop, 2 bad configuration or usage, 1 any other fatal error.";
 
 fn main() -> ExitCode {
+    message_dispatcher::connect::install_crypto_provider();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -64,7 +65,7 @@ fn run(args: &[String]) -> Result<(), Error> {
         "migrate" => {
             let config = Config::from_env()?;
             logging::init(&config);
-            let mut store = Store::new(&config.database_url, "migrate")?;
+            let mut store = Store::new(config.postgres()?, "migrate");
             daemon::migrate(&mut store)
         }
         "check-config" => {

@@ -8,8 +8,9 @@
 
 use std::time::Duration;
 
-use postgres::{Client, NoTls, Statement};
+use postgres::{Client, Statement};
 
+use crate::connect::Postgres;
 use crate::error::Error;
 use crate::message::{Claimed, Delivery};
 
@@ -91,7 +92,7 @@ pub struct SentMessage {
 
 /// A connection that reconnects on the next call after it broke.
 pub struct Store {
-    config: postgres::Config,
+    server: Postgres,
     instance_id: String,
     conn: Option<Connection>,
 }
@@ -104,38 +105,20 @@ struct Connection {
 }
 
 impl Store {
-    /// Parses the URL now; connects on first use.
-    pub fn new(database_url: &str, instance_id: &str) -> Result<Store, Error> {
-        let mut config: postgres::Config = database_url
-            .parse()
-            .map_err(|e| Error::Config(format!("DATABASE_URL: {e}")))?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(5));
-        }
-        if config.get_application_name().is_none() {
-            config.application_name(&format!("message-dispatcher/{instance_id}"));
-        }
-        config.keepalives(true);
-        config.keepalives_idle(Duration::from_secs(30));
-        Ok(Store {
-            config,
+    /// Takes the server as configured; connects on first use.
+    pub fn new(mut server: Postgres, instance_id: &str) -> Store {
+        server.set_application_name(&format!("message-dispatcher/{instance_id}"));
+        Store {
+            server,
             instance_id: instance_id.to_owned(),
             conn: None,
-        })
+        }
     }
 
     /// A plain client for a connection with a special purpose (LISTEN), named
     /// `message-dispatcher/<instance>/<purpose>` in `pg_stat_activity`.
     pub fn connect_for(&self, purpose: &str) -> Result<Client, Error> {
-        let mut config = self.config.clone();
-        let name = format!(
-            "{}/{purpose}",
-            config
-                .get_application_name()
-                .unwrap_or("message-dispatcher")
-        );
-        config.application_name(&name);
-        Ok(config.connect(NoTls)?)
+        self.server.connect(Some(purpose))
     }
 
     /// Runs `f` on the live connection, connecting first if needed; drops the connection when it
@@ -156,7 +139,9 @@ impl Store {
     }
 
     fn open(&self) -> Result<Connection, Error> {
-        let mut client = self.config.connect(NoTls)?;
+        let mut client = self.server.connect(None)?;
+        // No query of ours takes long; one that hangs must not stall the scheduler forever.
+        client.batch_execute("SET statement_timeout = '30s'")?;
         let schema_ready = client
             .query_one("SELECT to_regclass('dispatcher_state') IS NOT NULL", &[])?
             .get::<_, bool>(0);
@@ -180,7 +165,7 @@ impl Store {
     /// Applies pending migrations; returns the names applied now.
     pub fn migrate(&mut self) -> Result<Vec<&'static str>, Error> {
         // A dedicated connection: `open` refuses to work on an unmigrated database.
-        let mut client = self.config.connect(NoTls)?;
+        let mut client = self.server.connect(Some("migrate"))?;
         client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])?;
         let result = apply_migrations(&mut client);
         let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]);

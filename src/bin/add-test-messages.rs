@@ -57,7 +57,7 @@ fn run() -> Result<(), Error> {
     };
     let config = Config::from_env()?;
     logging::init(&config);
-    let mut store = Store::new(&config.database_url, "add-test-messages")?;
+    let mut store = Store::new(config.postgres()?, "add-test-messages");
     daemon::migrate(&mut store)?;
 
     let mut inserted = 0u64;

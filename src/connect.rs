@@ -1,0 +1,478 @@
+//! How we reach PostgreSQL and Redis in production: TLS with rustls (so the static image needs
+//! no OpenSSL), Redis Sentinel, and timeouts on everything that can hang.
+//!
+//! `sslmode` follows libpq: `disable`; `prefer` and `require` encrypt without checking the
+//! certificate (unless a root certificate is given, which makes `require` act as `verify-ca`);
+//! `verify-ca` checks the chain; `verify-full` checks the chain and the host name.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use postgres::config::SslMode;
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use tokio_postgres_rustls::MakeRustlsConnect;
+use url::Url;
+
+use crate::error::Error;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl TlsMode {
+    fn parse(raw: &str) -> Option<TlsMode> {
+        Some(match raw {
+            "disable" | "allow" => TlsMode::Disable,
+            "prefer" => TlsMode::Prefer,
+            "require" => TlsMode::Require,
+            "verify-ca" => TlsMode::VerifyCa,
+            "verify-full" => TlsMode::VerifyFull,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsMode::Disable => "disable",
+            TlsMode::Prefer => "prefer",
+            TlsMode::Require => "require",
+            TlsMode::VerifyCa => "verify-ca",
+            TlsMode::VerifyFull => "verify-full",
+        })
+    }
+}
+
+/// A PostgreSQL server to connect to, with its TLS settings resolved.
+#[derive(Clone)]
+pub struct Postgres {
+    config: postgres::Config,
+    tls: TlsMode,
+    root_cert: Option<PathBuf>,
+    connector: MakeRustlsConnect,
+}
+
+impl Postgres {
+    /// Parses a connection string (URL or `key=value` form), taking `sslmode` and `sslrootcert`
+    /// out of it; `root_cert` (DB_SSL_ROOT_CERT) overrides `sslrootcert`. Errors name
+    /// DATABASE_URL or DB_SSL_ROOT_CERT.
+    pub fn new(database_url: &str, root_cert: Option<&Path>) -> Result<Postgres, Error> {
+        let (rest, mode, url_root) = split_tls_params(database_url)?;
+        let root_cert = root_cert.map(Path::to_path_buf).or(url_root);
+        let mut tls = mode.unwrap_or(TlsMode::Prefer);
+        if tls == TlsMode::Require && root_cert.is_some() {
+            tls = TlsMode::VerifyCa;
+        }
+        let mut config: postgres::Config = rest.parse().map_err(|e| {
+            Error::Config(format!(
+                "DATABASE_URL: not a PostgreSQL connection string ({e})"
+            ))
+        })?;
+        config.ssl_mode(match tls {
+            TlsMode::Disable => SslMode::Disable,
+            TlsMode::Prefer => SslMode::Prefer,
+            _ => SslMode::Require,
+        });
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        let roots = match &root_cert {
+            Some(path) => load_roots(path)
+                .map_err(|e| Error::Config(format!("DB_SSL_ROOT_CERT: {}: {e}", path.display())))?,
+            None => default_roots(),
+        };
+        let connector = MakeRustlsConnect::new(client_config(tls, roots));
+        Ok(Postgres {
+            config,
+            tls,
+            root_cert,
+            connector,
+        })
+    }
+
+    pub fn tls(&self) -> TlsMode {
+        self.tls
+    }
+
+    pub fn root_cert(&self) -> Option<&Path> {
+        self.root_cert.as_deref()
+    }
+
+    pub fn set_application_name(&mut self, name: &str) {
+        if self.config.get_application_name().is_none() {
+            self.config.application_name(name);
+        }
+    }
+
+    /// Connects, naming the server in the error (and never the password).
+    pub fn connect(&self, purpose: Option<&str>) -> Result<postgres::Client, Error> {
+        let mut config = self.config.clone();
+        if let Some(purpose) = purpose {
+            let name = config
+                .get_application_name()
+                .unwrap_or("message-dispatcher");
+            let name = format!("{name}/{purpose}");
+            config.application_name(&name);
+        }
+        config.connect(self.connector.clone()).map_err(|e| {
+            Error::Other(format!(
+                "cannot connect to PostgreSQL at {} (sslmode={}): {}",
+                self.address(),
+                self.tls,
+                Error::Database(e)
+            ))
+        })
+    }
+
+    fn address(&self) -> String {
+        let host = match self.config.get_hosts().first() {
+            Some(postgres::config::Host::Tcp(h)) => h.clone(),
+            Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".into(),
+        };
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        format!("{host}:{port}")
+    }
+}
+
+/// Removes `sslmode` and `sslrootcert` from a connection string: the postgres crate knows only
+/// some of libpq's modes, so we resolve them ourselves.
+fn split_tls_params(raw: &str) -> Result<(String, Option<TlsMode>, Option<PathBuf>), Error> {
+    let bad_mode = |m: &str| {
+        Error::Config(format!(
+            "DATABASE_URL: sslmode must be disable, prefer, require, verify-ca or verify-full, got {m:?}"
+        ))
+    };
+    let mut mode = None;
+    let mut root = None;
+    if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
+        let mut url =
+            Url::parse(raw).map_err(|e| Error::Config(format!("DATABASE_URL: not a URL ({e})")))?;
+        let mut kept = Vec::new();
+        for (k, v) in url.query_pairs() {
+            match k.as_ref() {
+                "sslmode" => mode = Some(TlsMode::parse(&v).ok_or_else(|| bad_mode(&v))?),
+                "sslrootcert" => root = Some(PathBuf::from(v.as_ref())),
+                _ => kept.push((k.into_owned(), v.into_owned())),
+            }
+        }
+        if kept.is_empty() {
+            url.set_query(None);
+        } else {
+            url.query_pairs_mut().clear().extend_pairs(kept);
+        }
+        Ok((url.to_string(), mode, root))
+    } else {
+        let mut kept = Vec::new();
+        for part in raw.split_whitespace() {
+            match part.split_once('=') {
+                Some(("sslmode", v)) => mode = Some(TlsMode::parse(v).ok_or_else(|| bad_mode(v))?),
+                Some(("sslrootcert", v)) => root = Some(PathBuf::from(v)),
+                _ => kept.push(part),
+            }
+        }
+        Ok((kept.join(" "), mode, root))
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Makes ring the process-wide rustls provider, for libraries that build their own configs.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn default_roots() -> RootCertStore {
+    RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    }
+}
+
+fn load_roots(path: &Path) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(path).map_err(|e| e.to_string())?;
+    for cert in certs {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    if roots.is_empty() {
+        return Err("no certificate in the file".into());
+    }
+    Ok(roots)
+}
+
+fn client_config(mode: TlsMode, roots: RootCertStore) -> ClientConfig {
+    let provider = provider();
+    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .expect("a root store with certificates builds a verifier");
+    let verifier: Arc<dyn ServerCertVerifier> = match mode {
+        TlsMode::VerifyFull => webpki,
+        TlsMode::VerifyCa => Arc::new(ChainOnly {
+            inner: webpki,
+            check_chain: true,
+            provider: provider.clone(),
+        }),
+        TlsMode::Disable | TlsMode::Prefer | TlsMode::Require => Arc::new(ChainOnly {
+            inner: webpki,
+            check_chain: false,
+            provider: provider.clone(),
+        }),
+    };
+    ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth()
+}
+
+/// `verify-ca` (the chain, not the name) and, with `check_chain` off, libpq's `require`
+/// (encryption only). Signatures of the handshake are always verified.
+#[derive(Debug)]
+struct ChainOnly {
+    inner: Arc<WebPkiServerVerifier>,
+    check_chain: bool,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if !self.check_chain {
+            return Ok(ServerCertVerified::assertion());
+        }
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Where the lease lives: one Redis server (`redis://` or `rediss://`), or the master that a
+/// set of Sentinels points at — asked anew on every reconnect, so the lease follows a failover.
+pub struct Redis {
+    target: Target,
+}
+
+enum Target {
+    Direct(redis::Client),
+    Sentinel(Mutex<SentinelClient>),
+}
+
+/// What the Redis side of the configuration says.
+#[derive(Clone, Debug, Default)]
+pub struct RedisSettings {
+    pub url: String,
+    pub ca_cert: Option<PathBuf>,
+    pub sentinels: Vec<String>,
+    pub sentinel_master: Option<String>,
+    pub password: Option<String>,
+}
+
+impl Redis {
+    pub fn new(settings: &RedisSettings) -> Result<Redis, Error> {
+        let ca =
+            match &settings.ca_cert {
+                Some(path) => Some(std::fs::read(path).map_err(|e| {
+                    Error::Config(format!("REDIS_CA_CERT: {}: {e}", path.display()))
+                })?),
+                None => None,
+            };
+        let certificates = |ca: &Option<Vec<u8>>| redis::TlsCertificates {
+            client_tls: None,
+            root_cert: ca.clone(),
+        };
+        if let Some(master) = &settings.sentinel_master {
+            let mut addrs = Vec::new();
+            for s in &settings.sentinels {
+                let (host, port) = parse_host_port(s).ok_or_else(|| {
+                    Error::Config(format!("REDIS_SENTINELS: expected host:port, got {s:?}"))
+                })?;
+                addrs.push(redis::ConnectionAddr::Tcp(host, port));
+            }
+            let mut builder =
+                SentinelClientBuilder::new(addrs, master.clone(), SentinelServerType::Master)
+                    .map_err(|e| Error::Config(format!("REDIS_SENTINELS: {e}")))?;
+            if let Some(password) = &settings.password {
+                builder = builder.set_client_to_redis_password(password.clone());
+            }
+            if settings.url.starts_with("rediss://") {
+                builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+                if ca.is_some() {
+                    builder = builder.set_client_to_redis_certificates(certificates(&ca));
+                }
+            }
+            let client = builder
+                .build()
+                .map_err(|e| Error::Config(format!("REDIS_SENTINELS: {e}")))?;
+            return Ok(Redis {
+                target: Target::Sentinel(Mutex::new(client)),
+            });
+        }
+        let client = match &ca {
+            Some(_) => redis::Client::build_with_tls(settings.url.as_str(), certificates(&ca)),
+            None => redis::Client::open(settings.url.as_str()),
+        }
+        .map_err(|e| Error::Config(format!("REDIS_URL: {e}")))?;
+        Ok(Redis {
+            target: Target::Direct(client),
+        })
+    }
+
+    /// A connection whose every read and write gives up after `timeout`.
+    pub fn connect(&self, timeout: Duration) -> Result<redis::Connection, Error> {
+        let client = match &self.target {
+            Target::Direct(client) => client.clone(),
+            Target::Sentinel(sentinel) => sentinel
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_client()?,
+        };
+        let conn = client.get_connection_with_timeout(timeout)?;
+        conn.set_read_timeout(Some(timeout))?;
+        conn.set_write_timeout(Some(timeout))?;
+        Ok(conn)
+    }
+}
+
+pub fn parse_host_port(raw: &str) -> Option<(String, u16)> {
+    let (host, port) = raw.trim().rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_owned(), port.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_params_are_taken_out_of_urls() {
+        let (rest, mode, root) = split_tls_params(
+            "postgres://u:p@db:5432/x?sslmode=verify-full&sslrootcert=/ca.pem&connect_timeout=3",
+        )
+        .unwrap();
+        assert_eq!(rest, "postgres://u:p@db:5432/x?connect_timeout=3");
+        assert_eq!(mode, Some(TlsMode::VerifyFull));
+        assert_eq!(root, Some(PathBuf::from("/ca.pem")));
+        let (rest, mode, _) = split_tls_params("host=db user=u sslmode=require").unwrap();
+        assert_eq!(
+            (rest.as_str(), mode),
+            ("host=db user=u", Some(TlsMode::Require))
+        );
+        let (rest, mode, root) = split_tls_params("postgres://db/x").unwrap();
+        assert_eq!((rest.as_str(), mode, root), ("postgres://db/x", None, None));
+    }
+
+    #[test]
+    fn bad_sslmode_names_the_variable() {
+        let Err(Error::Config(msg)) = Postgres::new("postgres://db/x?sslmode=sometimes", None)
+        else {
+            panic!("expected a configuration error");
+        };
+        assert!(msg.starts_with("DATABASE_URL: sslmode"), "{msg}");
+    }
+
+    #[test]
+    fn modes_resolve_like_libpq() {
+        let pg = |url: &str, root: Option<&Path>| Postgres::new(url, root).map(|p| p.tls());
+        assert_eq!(pg("postgres://db/x", None).unwrap(), TlsMode::Prefer);
+        assert_eq!(
+            pg("postgres://db/x?sslmode=disable", None).unwrap(),
+            TlsMode::Disable
+        );
+        assert_eq!(
+            pg("postgres://db/x?sslmode=require", None).unwrap(),
+            TlsMode::Require
+        );
+        let missing = Path::new("/nonexistent/ca.pem");
+        let Err(Error::Config(msg)) = pg("postgres://db/x?sslmode=verify-full", Some(missing))
+        else {
+            panic!("a missing root certificate is a configuration error");
+        };
+        assert!(msg.starts_with("DB_SSL_ROOT_CERT: "), "{msg}");
+    }
+
+    #[test]
+    fn host_port_pairs() {
+        assert_eq!(
+            parse_host_port("10.0.0.1:26379"),
+            Some(("10.0.0.1".into(), 26379))
+        );
+        assert_eq!(parse_host_port("[::1]:26379"), Some(("::1".into(), 26379)));
+        assert_eq!(parse_host_port("sentinel"), None);
+        assert_eq!(parse_host_port(":1"), None);
+    }
+}
