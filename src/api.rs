@@ -1,44 +1,139 @@
 //! The HTTP side: `/health` for probes, the small operations API, `/metrics` and
-//! `/openapi.json`, served by `tiny_http` on a few handler threads (no async runtime).
+//! `/openapi.json`, served by `tiny_http` (no async runtime).
 //!
-//! Each handler thread owns its own PostgreSQL and Redis connections, so a slow query on one
-//! never holds a lock another needs, and `/health` checks the dependencies for real.
+//! # Threads, and why a slow client cannot stall `/health`
+//!
+//! `tiny_http` reads request headers (and bodies of at most 1 KiB) on a thread per connection,
+//! but everything else that touches a client's socket happens on whichever thread holds the
+//! `Request`: reading a larger or chunked body, writing the response, and — when the request is
+//! dropped — reading and discarding whatever body is left. The socket has no timeouts and
+//! `tiny_http` offers no way to set any, so each of those can block for as long as the client
+//! likes. If they ran on a small shared pool, eight clients that send half a body and wait
+//! would take every thread and `/health` would stop answering.
+//!
+//! So the work is split by what may block:
+//! - the **accept thread** only takes requests from `tiny_http` and hands each to the thread of
+//!   its connection, never touching a socket;
+//! - a **connection thread** per client connection (spawned on its first request, gone when the
+//!   connection has nothing queued — the same shape as `tiny_http`'s own reader threads) does
+//!   all socket I/O: reads the body with a size limit, validates, writes the answer. A client
+//!   that stalls blocks only its own thread; pipelined requests of one connection stay in order
+//!   on that thread;
+//! - a few **database threads** each own a PostgreSQL (and, with the lease, a Redis)
+//!   connection and run the queries behind `/health`, `/metrics` and the API. They receive
+//!   finished, validated jobs over a channel and never see a socket, so they are always free for
+//!   the next `/health` unless the database itself is slow.
+//!
+//! Every route is listed once, in [`ROUTES`]; the router and the test that compares the table
+//! with `openapi.json` both read it, so the served API and its description cannot drift apart.
 
+use std::collections::HashMap;
 use std::io::Read;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crossbeam_channel::{select, Receiver, Sender};
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tiny_http::{Header, Method, Request, Response, Server};
+use tiny_http::{Header, Request, Response, Server};
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
 use crate::status::Status;
 use crate::store::Store;
 
-/// Handler threads: enough that one slow request does not hold up `/health`.
-const HANDLERS: usize = 4;
+/// Threads running database work for the API: enough that a slow query does not hold up
+/// `/health`, few enough to stay a small share of PostgreSQL's connections.
+const DB_THREADS: usize = 4;
+/// Jobs waiting for a database thread.
+const JOB_QUEUE: usize = 64;
+/// How long a request waits for a database thread (queueing plus the query) before it is
+/// answered 503.
+const JOB_WAIT: Duration = Duration::from_secs(30);
 /// Largest request body accepted.
 pub const MAX_BODY: u64 = 64 * 1024;
 const SENT_PAGE_DEFAULT: u32 = 50;
 const SENT_PAGE_MAX: u32 = 1000;
 /// Longest recipient accepted: E.164 numbers, e-mail addresses and chat handles all fit.
-const RECIPIENT_MAX: usize = 254;
+pub const RECIPIENT_MAX: usize = 254;
 
-/// The OpenAPI document of this API, kept beside the code that it describes.
+/// The OpenAPI document of this API, kept beside the code that it describes. `/openapi.json`
+/// serves it with `content`'s `maxLength` set to this instance's CONTENT_MAX_LENGTH.
 pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// One served route. `GET` routes also answer `HEAD`.
+#[derive(Debug)]
+pub struct Route {
+    pub method: &'static str,
+    pub path: &'static str,
+    endpoint: Endpoint,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Endpoint {
+    Health,
+    Metrics,
+    OpenApi,
+    SentMessages,
+    Start,
+    Stop,
+    Enqueue,
+}
+
+/// Every route the API serves: the router dispatches from this table, `405`'s `Allow` header
+/// is built from it, and a test checks it against `openapi.json` both ways.
+pub const ROUTES: &[Route] = &[
+    Route {
+        method: "GET",
+        path: "/health",
+        endpoint: Endpoint::Health,
+    },
+    Route {
+        method: "GET",
+        path: "/metrics",
+        endpoint: Endpoint::Metrics,
+    },
+    Route {
+        method: "GET",
+        path: "/openapi.json",
+        endpoint: Endpoint::OpenApi,
+    },
+    Route {
+        method: "GET",
+        path: "/messages/sent",
+        endpoint: Endpoint::SentMessages,
+    },
+    Route {
+        method: "POST",
+        path: "/messages",
+        endpoint: Endpoint::Enqueue,
+    },
+    Route {
+        method: "POST",
+        path: "/processing/start",
+        endpoint: Endpoint::Start,
+    },
+    Route {
+        method: "POST",
+        path: "/processing/stop",
+        endpoint: Endpoint::Stop,
+    },
+];
 
 pub struct Api {
     server: Arc<Server>,
-    handles: Vec<JoinHandle<()>>,
+    accept: JoinHandle<()>,
+    db_threads: Vec<JoinHandle<()>>,
+    stop: Sender<()>,
 }
 
 impl Api {
-    /// Binds the port and starts the handler threads.
+    /// Binds the port and starts the accept and database threads.
     pub fn start(
         config: &Config,
         status: Arc<Status>,
@@ -48,40 +143,328 @@ impl Api {
         let server = Server::http(&addr)
             .map_err(|e| Error::Other(format!("cannot listen on {addr}: {e}")))?;
         let server = Arc::new(server);
-        let mut handles = Vec::with_capacity(HANDLERS);
-        for n in 0..HANDLERS {
-            let mut handler = Handler::new(config, status.clone(), metrics.clone())?;
-            let server = server.clone();
+
+        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(JOB_QUEUE);
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let mut db_threads = Vec::with_capacity(DB_THREADS);
+        for n in 0..DB_THREADS {
+            let mut backend = Backend::new(config, status.clone(), metrics.clone())?;
+            let (jobs, stopped) = (jobs_rx.clone(), stopped.clone());
             let handle = std::thread::Builder::new()
-                .name(format!("http-{n}"))
-                .spawn(move || {
-                    while let Ok(request) = server.recv() {
-                        handler.handle(request);
-                    }
-                })?;
-            handles.push(handle);
+                .name(format!("http-db-{n}"))
+                .spawn(move || backend.run(&jobs, &stopped))?;
+            db_threads.push(handle);
         }
+
+        let front = Arc::new(Front {
+            jobs: jobs_tx,
+            metrics,
+            token_digest: config.api_token.as_deref().map(digest),
+            content_max_length: config.content_max_length,
+            openapi: openapi_document(config.content_max_length),
+        });
+        let connections = Arc::new(Connections {
+            queues: Mutex::new(HashMap::new()),
+            front,
+        });
+        let accept_server = server.clone();
+        let accept = std::thread::Builder::new()
+            .name("http-accept".into())
+            .spawn(move || {
+                while let Ok(request) = accept_server.recv() {
+                    connections.dispatch(request);
+                }
+            })?;
         log::info!(addr = addr.as_str(); "HTTP API listening");
-        Ok(Api { server, handles })
+        Ok(Api {
+            server,
+            accept,
+            db_threads,
+            stop,
+        })
     }
 
+    /// Stops taking requests and ends the database threads. Connection threads still writing
+    /// an answer finish on their own.
     pub fn stop(self) {
-        for _ in &self.handles {
-            self.server.unblock();
-        }
-        for handle in self.handles {
+        self.server.unblock();
+        let _ = self.accept.join();
+        drop(self.stop);
+        for handle in self.db_threads {
             let _ = handle.join();
         }
     }
 }
 
-struct Handler {
+/// The `/openapi.json` body: the document with this instance's content limit filled in.
+fn openapi_document(content_max_length: usize) -> Arc<Vec<u8>> {
+    let mut doc: Value =
+        serde_json::from_str(OPENAPI).expect("openapi.json is valid JSON (tested)");
+    if let Some(max) =
+        doc.pointer_mut("/components/schemas/NewMessage/properties/content/maxLength")
+    {
+        *max = json!(content_max_length);
+    }
+    Arc::new(serde_json::to_vec(&doc).expect("a Value always serialises"))
+}
+
+/// The queues of the connections that have a thread right now, by the client's address (which
+/// names one TCP connection).
+struct Connections {
+    queues: Mutex<HashMap<SocketAddr, Sender<Request>>>,
+    front: Arc<Front>,
+}
+
+impl Connections {
+    /// Hands `request` to its connection's thread, starting one when there is none. Never blocks
+    /// on a client.
+    fn dispatch(self: &Arc<Self>, request: Request) {
+        let Some(addr) = request.remote_addr().copied() else {
+            // Not TCP (never the case here): a thread for this one request.
+            let front = self.front.clone();
+            let _ = std::thread::Builder::new()
+                .name("http-conn".into())
+                .spawn(move || front.serve(request));
+            return;
+        };
+        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        let request = match queues.get(&addr) {
+            Some(queue) => match queue.send(request) {
+                Ok(()) => return,
+                Err(crossbeam_channel::SendError(request)) => request,
+            },
+            None => request,
+        };
+        let (queue, pending) = crossbeam_channel::unbounded();
+        queues.insert(addr, queue);
+        drop(queues);
+        let connections = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("http-conn".into())
+            .spawn(move || connections.serve_connection(addr, request, pending));
+        if let Err(e) = spawned {
+            // The request went down with the closure (tiny_http answers it 500).
+            log::warn!(error = e.to_string().as_str(); "Cannot start a thread for an HTTP connection");
+            self.queues
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&addr);
+        }
+    }
+
+    /// Serves the requests of one connection in order, and ends when none is queued. The check
+    /// for more and the removal happen under the lock `dispatch` sends under, so no request is
+    /// left behind in a queue without a thread.
+    fn serve_connection(&self, addr: SocketAddr, first: Request, pending: Receiver<Request>) {
+        let mut request = first;
+        loop {
+            self.front.serve(request);
+            let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+            match pending.try_recv() {
+                Ok(next) => request = next,
+                Err(_) => {
+                    queues.remove(&addr);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What a connection thread needs: validation, authorisation, and the way to the database
+/// threads.
+struct Front {
+    jobs: Sender<(Job, Sender<Reply>)>,
+    metrics: Arc<Metrics>,
+    /// SHA-256 of API_TOKEN: comparing digests keeps the comparison constant-time whatever the
+    /// lengths.
+    token_digest: Option<[u8; 32]>,
+    content_max_length: usize,
+    openapi: Arc<Vec<u8>>,
+}
+
+/// Database work, validated and ready to run.
+enum Job {
+    Health,
+    Metrics,
+    Switch(bool),
+    Sent { limit: u32, before: Option<i64> },
+    Enqueue { recipient: String, content: String },
+}
+
+/// An answer, built without touching the socket.
+struct Reply {
+    status: u16,
+    body: Vec<u8>,
+    content_type: &'static str,
+    headers: Vec<(&'static str, String)>,
+}
+
+impl Reply {
+    fn json(status: u16, body: &Value) -> Reply {
+        Reply {
+            status,
+            body: body.to_string().into_bytes(),
+            content_type: "application/json",
+            headers: Vec::new(),
+        }
+    }
+
+    fn error(status: u16, msg: &str) -> Reply {
+        Reply::json(status, &json!({ "error": msg }))
+    }
+
+    fn with_header(mut self, name: &'static str, value: &str) -> Reply {
+        self.headers.push((name, value.to_owned()));
+        self
+    }
+
+    fn into_response(self) -> Response<std::io::Cursor<Vec<u8>>> {
+        let mut response = Response::from_data(self.body)
+            .with_status_code(self.status)
+            .with_header(header("Content-Type", self.content_type))
+            .with_header(header("Cache-Control", "no-store"));
+        for (name, value) in &self.headers {
+            response.add_header(header(name, value));
+        }
+        response
+    }
+}
+
+impl Front {
+    /// Answers one request; runs on the request's connection thread.
+    fn serve(&self, mut request: Request) {
+        let (route, method, reply) = self.route(&mut request);
+        self.metrics.observe_http(route, method, reply.status);
+        log::trace!(method = method, route = route, status = reply.status; "HTTP request");
+        let _ = request.respond(reply.into_response());
+        // Dropping the request here reads and discards what is left of its body: this
+        // connection's thread is the one place where that may wait on the client.
+    }
+
+    /// Returns the route's path (or `unmatched`), the method as a metric label, and the answer.
+    fn route(&self, request: &mut Request) -> (&'static str, &'static str, Reply) {
+        let method = request.method().as_str().to_owned();
+        let method_label = method_label(&method);
+        let url = request.url().to_owned();
+        let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+        let mut at_path = ROUTES.iter().filter(|r| r.path == path).peekable();
+        let Some(first) = at_path.peek() else {
+            return ("unmatched", method_label, Reply::error(404, "not found"));
+        };
+        let path_label = first.path;
+        let allowed: Vec<&Route> = at_path.collect();
+        let found = allowed
+            .iter()
+            .find(|r| r.method == method || (method == "HEAD" && r.method == "GET"));
+        let Some(route) = found else {
+            return (path_label, method_label, method_not_allowed(&allowed));
+        };
+        let reply = self
+            .endpoint(route.endpoint, request, query)
+            .unwrap_or_else(|r| r);
+        (path_label, method_label, reply)
+    }
+
+    fn endpoint(
+        &self,
+        endpoint: Endpoint,
+        request: &mut Request,
+        query: &str,
+    ) -> Result<Reply, Reply> {
+        match endpoint {
+            Endpoint::OpenApi => Ok(Reply {
+                status: 200,
+                body: self.openapi.as_ref().clone(),
+                content_type: "application/json",
+                headers: Vec::new(),
+            }),
+            Endpoint::Health => self.run(Job::Health),
+            Endpoint::Metrics => self.run(Job::Metrics),
+            Endpoint::SentMessages => {
+                let (limit, before) = parse_sent_query(query).map_err(|msg| bad(&msg))?;
+                self.run(Job::Sent { limit, before })
+            }
+            Endpoint::Start | Endpoint::Stop => {
+                self.authorize(request)?;
+                self.run(Job::Switch(endpoint == Endpoint::Start))
+            }
+            Endpoint::Enqueue => {
+                self.authorize(request)?;
+                let body = read_body(request)?;
+                let (recipient, content) =
+                    parse_new_message(&body, self.content_max_length).map_err(|msg| bad(&msg))?;
+                self.run(Job::Enqueue { recipient, content })
+            }
+        }
+    }
+
+    fn authorize(&self, request: &Request) -> Result<(), Reply> {
+        let Some(expected) = &self.token_digest else {
+            return Ok(());
+        };
+        let given = request
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv("Authorization"))
+            .and_then(|h| bearer_token(h.value.as_str()));
+        match given {
+            Some(token) if bool::from(digest(token).ct_eq(expected)) => Ok(()),
+            _ => Err(Reply::error(401, "missing or wrong bearer token")
+                .with_header("WWW-Authenticate", "Bearer")),
+        }
+    }
+
+    /// Hands a job to a database thread and waits for its answer.
+    fn run(&self, job: Job) -> Result<Reply, Reply> {
+        let (reply_to, reply) = crossbeam_channel::bounded(1);
+        if self.jobs.send_timeout((job, reply_to), JOB_WAIT).is_err() {
+            return Err(Reply::error(503, "busy: no database thread free"));
+        }
+        reply
+            .recv_timeout(JOB_WAIT)
+            .map_err(|_| Reply::error(503, "busy: the database did not answer in time"))
+    }
+}
+
+/// `Bearer <token>`, the scheme name case-insensitive (RFC 7235).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("Bearer").then(|| token.trim())
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn method_label(method: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT",
+    ];
+    KNOWN
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("other")
+}
+
+fn method_not_allowed(routes: &[&Route]) -> Reply {
+    let mut methods = Vec::new();
+    for route in routes {
+        methods.push(route.method);
+        if route.method == "GET" {
+            methods.push("HEAD");
+        }
+    }
+    Reply::error(405, "method not allowed").with_header("Allow", &methods.join(", "))
+}
+
+/// One of the threads that run the API's database work.
+struct Backend {
     store: Store,
     redis: Option<RedisCheck>,
     status: Arc<Status>,
     metrics: Arc<Metrics>,
-    api_token: Option<String>,
-    content_max_length: usize,
 }
 
 /// A Redis connection kept for `/health`'s PING.
@@ -108,10 +491,8 @@ impl RedisCheck {
     }
 }
 
-type Reply = Response<std::io::Cursor<Vec<u8>>>;
-
-impl Handler {
-    fn new(config: &Config, status: Arc<Status>, metrics: Arc<Metrics>) -> Result<Handler, Error> {
+impl Backend {
+    fn new(config: &Config, status: Arc<Status>, metrics: Arc<Metrics>) -> Result<Backend, Error> {
         let redis = if config.lock_enabled {
             Some(RedisCheck {
                 redis: crate::connect::Redis::new(&config.redis)?,
@@ -120,77 +501,47 @@ impl Handler {
         } else {
             None
         };
-        Ok(Handler {
+        Ok(Backend {
             store: Store::new(config.postgres()?, &status.instance_id),
             redis,
             status,
             metrics,
-            api_token: config.api_token.clone(),
-            content_max_length: config.content_max_length,
         })
     }
 
-    fn handle(&mut self, mut request: Request) {
-        let reply = self.route(&mut request);
-        let _ = request.respond(reply);
-    }
-
-    fn route(&mut self, request: &mut Request) -> Reply {
-        self.try_route(request).unwrap_or_else(|reply| reply)
-    }
-
-    fn try_route(&mut self, request: &mut Request) -> Result<Reply, Reply> {
-        let url = request.url().to_owned();
-        let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-        let method = request.method().clone();
-        let get = matches!(method, Method::Get | Method::Head);
-        let post = method == Method::Post;
-        match path {
-            "/health" if get => self.health(),
-            "/metrics" if get => self.metrics(),
-            "/openapi.json" if get => Ok(respond(
-                200,
-                OPENAPI.as_bytes().to_vec(),
-                "application/json",
-            )),
-            "/messages/sent" if get => self.sent(query),
-            "/processing/start" | "/processing/stop" if post => {
-                self.authorized(request)?;
-                self.switch(path == "/processing/start")
+    fn run(&mut self, jobs: &Receiver<(Job, Sender<Reply>)>, stopped: &Receiver<()>) {
+        loop {
+            select! {
+                recv(jobs) -> job => match job {
+                    Ok((job, reply_to)) => {
+                        let _ = reply_to.send(self.answer(job));
+                    }
+                    Err(_) => return,
+                },
+                recv(stopped) -> _ => return,
             }
-            "/messages" if post => {
-                self.authorized(request)?;
-                let body = read_body(request)?;
-                self.enqueue(&body)
-            }
-            "/health" | "/metrics" | "/openapi.json" | "/messages/sent" => {
-                Err(method_not_allowed("GET, HEAD"))
-            }
-            "/processing/start" | "/processing/stop" | "/messages" => {
-                Err(method_not_allowed("POST"))
-            }
-            _ => Err(error(404, "not found")),
         }
     }
 
-    fn authorized(&self, request: &Request) -> Result<(), Reply> {
-        let Some(token) = &self.api_token else {
-            return Ok(());
+    fn answer(&mut self, job: Job) -> Reply {
+        let result = match job {
+            Job::Health => Ok(self.health()),
+            Job::Metrics => Ok(self.metrics()),
+            Job::Switch(enabled) => self.switch(enabled),
+            Job::Sent { limit, before } => {
+                self.store.sent_page(limit, before).map(|(messages, next)| {
+                    Reply::json(200, &json!({ "messages": messages, "next": next }))
+                })
+            }
+            Job::Enqueue { recipient, content } => self
+                .store
+                .insert_message(&recipient, &content)
+                .map(|id| Reply::json(201, &json!({ "id": id }))),
         };
-        let given = request
-            .headers()
-            .iter()
-            .find(|h| h.field.equiv("Authorization"))
-            .and_then(|h| h.value.as_str().strip_prefix("Bearer "))
-            .unwrap_or("");
-        if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
-            Ok(())
-        } else {
-            Err(error(401, "missing or wrong bearer token"))
-        }
+        result.unwrap_or_else(unavailable)
     }
 
-    fn health(&mut self) -> Result<Reply, Reply> {
+    fn health(&mut self) -> Reply {
         let state = self.store.state();
         let database_ok = state.is_ok();
         if let Ok(state) = &state {
@@ -215,76 +566,67 @@ impl Handler {
                 "redis": redis.map_or("disabled", word),
             },
         });
-        Ok(json_reply(if healthy { 200 } else { 503 }, &body))
+        Reply::json(if healthy { 200 } else { 503 }, &body)
     }
 
-    fn metrics(&mut self) -> Result<Reply, Reply> {
+    fn metrics(&mut self) -> Reply {
         if let Ok((pending, sending)) = self.store.queue_depth() {
             self.metrics.set_queue_depth(pending, sending);
         }
-        Ok(respond(
-            200,
-            self.metrics.render().into_bytes(),
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ))
+        if let Ok(state) = self.store.state() {
+            self.status
+                .processing_enabled
+                .store(state.processing_enabled, Ordering::Relaxed);
+        }
+        let processing = self.status.processing_enabled.load(Ordering::Relaxed);
+        self.metrics.processing_enabled.set(i64::from(processing));
+        Reply {
+            status: 200,
+            body: self.metrics.render().into_bytes(),
+            content_type: metrics::CONTENT_TYPE,
+            headers: Vec::new(),
+        }
     }
 
-    fn switch(&mut self, enabled: bool) -> Result<Reply, Reply> {
-        let enabled = self.store.set_processing(enabled).map_err(unavailable)?;
+    fn switch(&mut self, enabled: bool) -> Result<Reply, Error> {
+        let enabled = self.store.set_processing(enabled)?;
         self.status
             .processing_enabled
             .store(enabled, Ordering::Relaxed);
-        log::info!(processing_status = if enabled { "running" } else { "stopped" }; "Processing switched");
-        Ok(json_reply(
-            200,
-            &json!({ "processing_status": if enabled { "running" } else { "stopped" } }),
-        ))
+        let word = if enabled { "running" } else { "stopped" };
+        log::info!(processing_status = word; "Processing switched");
+        Ok(Reply::json(200, &json!({ "processing_status": word })))
     }
+}
 
-    fn sent(&mut self, query: &str) -> Result<Reply, Reply> {
-        let mut limit = SENT_PAGE_DEFAULT;
-        let mut before = None;
-        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
-            match key.as_ref() {
-                "limit" => {
-                    limit = value
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=SENT_PAGE_MAX).contains(n))
-                        .ok_or_else(|| {
-                            bad(&format!(
-                                "limit: expected a whole number from 1 to {SENT_PAGE_MAX}"
-                            ))
-                        })?;
-                }
-                "before" => {
-                    before = Some(
-                        value
-                            .parse::<i64>()
-                            .ok()
-                            .filter(|n| *n > 0)
-                            .ok_or_else(|| bad("before: expected a positive message id"))?,
-                    );
-                }
-                other => return Err(bad(&format!("{other}: unknown query parameter"))),
+/// Parses `GET /messages/sent`'s query; the error names the parameter.
+pub fn parse_sent_query(query: &str) -> Result<(u32, Option<i64>), String> {
+    let mut limit = SENT_PAGE_DEFAULT;
+    let mut before = None;
+    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        match key.as_ref() {
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=SENT_PAGE_MAX).contains(n))
+                    .ok_or_else(|| {
+                        format!("limit: expected a whole number from 1 to {SENT_PAGE_MAX}")
+                    })?;
             }
+            "before" => {
+                before = Some(
+                    value
+                        .parse::<i64>()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or("before: expected a positive message id")?,
+                );
+            }
+            other => return Err(format!("{other}: unknown query parameter")),
         }
-        let (messages, next) = self.store.sent_page(limit, before).map_err(unavailable)?;
-        Ok(json_reply(
-            200,
-            &json!({ "messages": messages, "next": next }),
-        ))
     }
-
-    fn enqueue(&mut self, body: &[u8]) -> Result<Reply, Reply> {
-        let (recipient, content) =
-            parse_new_message(body, self.content_max_length).map_err(|msg| bad(&msg))?;
-        let id = self
-            .store
-            .insert_message(&recipient, &content)
-            .map_err(unavailable)?;
-        Ok(json_reply(201, &json!({ "id": id })))
-    }
+    Ok((limit, before))
 }
 
 /// Validates a `POST /messages` body; the error names the field.
@@ -331,7 +673,8 @@ pub fn parse_new_message(body: &[u8], content_max: usize) -> Result<(String, Str
     Ok((recipient, content))
 }
 
-/// Reads the body up to [`MAX_BODY`]; a larger one is refused without reading the rest.
+/// Reads the body up to [`MAX_BODY`]; a larger one is refused without reading the rest (at once
+/// when Content-Length says so, else as soon as one byte too many has arrived).
 fn read_body(request: &mut Request) -> Result<Vec<u8>, Reply> {
     if request.body_length().is_some_and(|n| n as u64 > MAX_BODY) {
         return Err(too_large());
@@ -349,34 +692,16 @@ fn read_body(request: &mut Request) -> Result<Vec<u8>, Reply> {
 }
 
 fn too_large() -> Reply {
-    error(413, &format!("body: larger than {MAX_BODY} bytes"))
+    Reply::error(413, &format!("body: larger than {MAX_BODY} bytes"))
 }
 
 fn bad(msg: &str) -> Reply {
-    error(400, msg)
+    Reply::error(400, msg)
 }
 
 fn unavailable(e: Error) -> Reply {
     log::warn!(error = e.to_string().as_str(); "API request failed");
-    error(503, "database unavailable")
-}
-
-fn method_not_allowed(allow: &str) -> Reply {
-    error(405, "method not allowed").with_header(header("Allow", allow))
-}
-
-fn error(status: u16, msg: &str) -> Reply {
-    json_reply(status, &json!({ "error": msg }))
-}
-
-fn json_reply(status: u16, body: &Value) -> Reply {
-    respond(status, body.to_string().into_bytes(), "application/json")
-}
-
-fn respond(status: u16, body: Vec<u8>, content_type: &str) -> Reply {
-    Response::from_data(body)
-        .with_status_code(status)
-        .with_header(header("Content-Type", content_type))
+    Reply::error(503, "database unavailable")
 }
 
 fn header(name: &str, value: &str) -> Header {
@@ -385,7 +710,7 @@ fn header(name: &str, value: &str) -> Header {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_new_message;
+    use super::{bearer_token, openapi_document, parse_new_message, parse_sent_query, ROUTES};
 
     fn field_of(body: &str) -> String {
         let err = parse_new_message(body.as_bytes(), 160).unwrap_err();
@@ -418,6 +743,10 @@ mod tests {
             field_of(r#"{"recipient":"a","content":"x","extra":1}"#),
             "extra"
         );
+        assert_eq!(
+            field_of(r#"{"recipient":"a","content":"x\u0000"}"#),
+            "content"
+        );
     }
 
     #[test]
@@ -427,5 +756,47 @@ mod tests {
         assert!(parse_new_message(body.as_bytes(), 160).is_ok());
         let body = format!(r#"{{"recipient":"a","content":"{emoji}x"}}"#);
         assert_eq!(field_of(&body), "content");
+    }
+
+    #[test]
+    fn sent_query_errors_name_the_parameter() {
+        assert_eq!(parse_sent_query(""), Ok((50, None)));
+        assert_eq!(parse_sent_query("limit=1000&before=7"), Ok((1000, Some(7))));
+        for (query, name) in [
+            ("limit=0", "limit"),
+            ("limit=1001", "limit"),
+            ("limit=x", "limit"),
+            ("limit=", "limit"),
+            ("before=0", "before"),
+            ("before=-3", "before"),
+            ("before=99999999999999999999", "before"),
+            ("colour=red", "colour"),
+        ] {
+            let err = parse_sent_query(query).unwrap_err();
+            assert!(err.starts_with(&format!("{name}: ")), "{query}: {err}");
+        }
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+    }
+
+    #[test]
+    fn served_openapi_carries_the_configured_content_limit() {
+        let doc: serde_json::Value = serde_json::from_slice(&openapi_document(42)).unwrap();
+        assert_eq!(
+            doc["components"]["schemas"]["NewMessage"]["properties"]["content"]["maxLength"],
+            42
+        );
+    }
+
+    #[test]
+    fn routes_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        assert!(ROUTES.iter().all(|r| seen.insert((r.method, r.path))));
     }
 }

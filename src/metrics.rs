@@ -1,6 +1,12 @@
 //! Prometheus metrics, served at `GET /metrics`: what was delivered, how fast, and the lease
 //! figures the original quick start tells operators to watch (acquisitions, failures,
-//! extensions, losses, who holds it and for how long).
+//! extensions, losses, who holds it and for how long), plus the HTTP API's own traffic.
+//!
+//! The exposition is OpenMetrics 1.0 text (what `prometheus-client` encodes: counters as
+//! `<name>_total`, a closing `# EOF`), served as [`CONTENT_TYPE`]. Prometheus asks for
+//! OpenMetrics first in its scrape `Accept` header and parses it natively; labelling the same
+//! bytes `text/plain; version=0.0.4` would misdescribe them (the classic format has no `# EOF`
+//! and names counter families with their `_total` suffix).
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -13,6 +19,14 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::message::Delivery;
+
+/// The media type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Labels of `http_requests`: route (a path from the API's route table, or `unmatched`),
+/// method and status code. Unknown paths and methods are folded so that a scanner cannot
+/// create unbounded series.
+type HttpLabels = Vec<(&'static str, String)>;
 
 pub struct Metrics {
     registry: Registry,
@@ -32,6 +46,8 @@ pub struct Metrics {
     pub lock_held: Gauge,
     pub lock_held_seconds: Counter<f64, AtomicU64>,
     pub epoch: Gauge,
+    pub processing_enabled: Gauge,
+    pub http_requests: Family<HttpLabels, Counter>,
 }
 
 impl Metrics {
@@ -55,6 +71,8 @@ impl Metrics {
             lock_held: Gauge::default(),
             lock_held_seconds: Counter::default(),
             epoch: Gauge::default(),
+            processing_enabled: Gauge::default(),
+            http_requests: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -134,6 +152,16 @@ impl Metrics {
             "The leadership epoch this instance holds (0 when none)",
             m.epoch.clone(),
         );
+        r.register(
+            "processing_enabled",
+            "1 while the cluster-wide processing switch is on (as last read by this instance)",
+            m.processing_enabled.clone(),
+        );
+        r.register(
+            "http_requests",
+            "HTTP API requests answered, by route, method and status",
+            m.http_requests.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -153,6 +181,17 @@ impl Metrics {
                 .get_or_create(&vec![("status".to_owned(), status.to_owned())])
                 .set(n);
         }
+    }
+
+    /// Counts one answered API request; `route` is `unmatched` for unknown paths.
+    pub fn observe_http(&self, route: &'static str, method: &'static str, status: u16) {
+        self.http_requests
+            .get_or_create(&vec![
+                ("route", route.to_owned()),
+                ("method", method.to_owned()),
+                ("status", status.to_string()),
+            ])
+            .inc();
     }
 
     pub fn render(&self) -> String {
