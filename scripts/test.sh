@@ -21,6 +21,7 @@ need psql postgresql-client
 need redis-server redis-server
 need redis-cli redis-tools
 need curl curl
+need openssl openssl
 
 if ! psql "$pg" -tAc 'SELECT 1' >/dev/null 2>&1; then
     echo "PostgreSQL is not reachable at $pg (set TEST_DATABASE_URL)." >&2

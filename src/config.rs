@@ -382,13 +382,7 @@ impl Env<'_> {
 
 fn database_url(env: &Env) -> Result<String, Error> {
     if let Some(url) = env.get("DATABASE_URL") {
-        // The postgres crate accepts both URLs and key=value strings; check it now so the error
-        // names the variable instead of surfacing at the first connection.
-        url.parse::<postgres::Config>().map_err(|e| {
-            Error::Config(format!(
-                "DATABASE_URL: not a PostgreSQL connection string ({e})"
-            ))
-        })?;
+        // Checked, with its TLS settings, by `Config::postgres` once everything is read.
         return Ok(url.to_owned());
     }
     let port = env.parse_num("DB_PORT", 5432, 1, u16::MAX.into())?;

@@ -1,0 +1,557 @@
+//! Production connections against private servers the tests start themselves: PostgreSQL with
+//! TLS (a cluster of our own with a certificate we make), Redis over TLS, and Redis Sentinel
+//! following a master failover.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const LONG: Duration = Duration::from_secs(60);
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// A CA and a server certificate for `localhost` only (no IP address), in a temp dir readable
+/// by the postgres user.
+struct Certs {
+    dir: PathBuf,
+}
+
+impl Certs {
+    fn make() -> Certs {
+        let dir = std::env::temp_dir().join(unique("md_certs"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sh = |script: &str| {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{script}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        sh(
+            "openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=md-test-ca \
+            -keyout ca.key -out ca.pem",
+        );
+        sh("openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout server.key -out server.csr");
+        std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
+        sh(
+            "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+            -extfile san.ext -out server.pem",
+        );
+        sh("chmod 755 . && chmod 644 ca.pem server.pem && chmod 600 server.key");
+        Certs { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A PostgreSQL cluster of our own, run as the postgres user (initdb refuses root).
+struct PrivatePostgres {
+    dir: PathBuf,
+    port: u16,
+    child: Child,
+}
+
+fn as_postgres(program: &str) -> Command {
+    if unsafe_is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", program]);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn unsafe_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+impl PrivatePostgres {
+    fn start_with_tls(certs: &Certs) -> PrivatePostgres {
+        let dir = std::env::temp_dir().join(unique("md_pg"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let chown = |p: &Path| {
+            assert!(Command::new("chown")
+                .arg("-R")
+                .arg("postgres:")
+                .arg(p)
+                .status()
+                .unwrap()
+                .success());
+        };
+        if unsafe_is_root() {
+            chown(&dir);
+            chown(&certs.dir);
+        }
+        let data = dir.join("data");
+        let out = as_postgres(&format!("{PG_BIN}/initdb"))
+            .args([
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let mut child = as_postgres(&format!("{PG_BIN}/postgres"))
+            .args([
+                "-D",
+                data.to_str().unwrap(),
+                "-p",
+                &port.to_string(),
+                "-k",
+                dir.to_str().unwrap(),
+            ])
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "ssl=on"])
+            .arg("-c")
+            .arg(format!(
+                "ssl_cert_file={}",
+                certs.path("server.pem").display()
+            ))
+            .arg("-c")
+            .arg(format!(
+                "ssl_key_file={}",
+                certs.path("server.key").display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable");
+        wait_until(LONG, "the private PostgreSQL to accept connections", || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("private PostgreSQL exited: {status}");
+            }
+            postgres::Client::connect(&url, postgres::NoTls).is_ok()
+        });
+        PrivatePostgres { dir, port, child }
+    }
+
+    fn plain_client(&self) -> postgres::Client {
+        let url = format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            self.port
+        );
+        postgres::Client::connect(&url, postgres::NoTls).unwrap()
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        // SIGINT is PostgreSQL's "fast shutdown"; then make sure, by the pid we started.
+        let _ = Command::new("kill")
+            .arg("-INT")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn env_for(db_url: &str, receiver: &Receiver) -> Vec<(String, String)> {
+    let mut env = vec![];
+    for (k, v) in [
+        ("DATABASE_URL", db_url),
+        ("WEBHOOK_URL", receiver.url().as_str()),
+        ("PROCESSING_INTERVAL", "100ms"),
+        ("BATCH_SIZE", "10"),
+        ("WEBHOOK_TIMEOUT", "1s"),
+        ("MAX_PROCESSING_TIME", "1s"),
+        ("LOG_LEVEL", "debug"),
+        ("SERVER_HOST", "127.0.0.1"),
+    ] {
+        env.push((k.to_string(), v.to_string()));
+    }
+    env
+}
+
+#[test]
+fn postgres_over_tls_require_and_verify_full() {
+    let certs = Certs::make();
+    let pg = PrivatePostgres::start_with_tls(&certs);
+    let receiver = Receiver::start();
+    let ca = certs.path("ca.pem");
+
+    // require: encrypted, certificate not checked (libpq's meaning).
+    let require = format!(
+        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=require",
+        pg.port
+    );
+    // verify-full against the name in the certificate.
+    let verify = format!(
+        "postgres://postgres@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
+        pg.port,
+        ca.display()
+    );
+    for url in [&require, &verify] {
+        let out = run(DISPATCHER, &["migrate"], &env_for(url, &receiver));
+        assert!(
+            out.status.success(),
+            "{url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    pg.plain_client()
+        .batch_execute("INSERT INTO messages (recipient, content) SELECT 'r' || g, 'c' || g FROM generate_series(1, 20) g")
+        .unwrap();
+
+    let daemon = Daemon::start(&env_for(&verify, &receiver));
+    wait_until(LONG, "delivery over TLS", || {
+        pg.plain_client()
+            .query_one("SELECT count(*) FROM messages WHERE status = 'sent'", &[])
+            .unwrap()
+            .get::<_, i64>(0)
+            == 20
+    });
+    let tls_connections: i64 = pg
+        .plain_client()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name LIKE 'message-dispatcher/%' AND s.ssl",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(tls_connections >= 1, "the daemon's connections use TLS");
+    drop(daemon);
+
+    // The same over DB_SSL_ROOT_CERT instead of sslrootcert.
+    let mut env = env_for(
+        &format!(
+            "postgres://postgres@localhost:{}/postgres?sslmode=verify-full",
+            pg.port
+        ),
+        &receiver,
+    );
+    env.push(("DB_SSL_ROOT_CERT".into(), ca.display().to_string()));
+    let out = run(DISPATCHER, &["migrate"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn verify_full_refuses_a_certificate_for_another_host() {
+    let certs = Certs::make();
+    let pg = PrivatePostgres::start_with_tls(&certs);
+    let receiver = Receiver::start();
+    // The certificate names localhost; 127.0.0.1 is not in it.
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={}",
+        pg.port,
+        certs.path("ca.pem").display()
+    );
+    let out = run(DISPATCHER, &["migrate"], &env_for(&url, &receiver));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("127.0.0.1"), "names the host: {stderr}");
+    assert!(
+        stderr.contains("certificate not valid for name"),
+        "says why: {stderr}"
+    );
+
+    // verify-ca checks the chain only, so the same host passes.
+    let url = url.replace("verify-full", "verify-ca");
+    let out = run(DISPATCHER, &["migrate"], &env_for(&url, &receiver));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A CA that did not sign the server's certificate fails verify-ca too.
+    let other = Certs::make();
+    let url = url.replace(
+        certs.path("ca.pem").to_str().unwrap(),
+        other.path("ca.pem").to_str().unwrap(),
+    );
+    let out = run(DISPATCHER, &["migrate"], &env_for(&url, &receiver));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("invalid peer certificate"), "{stderr}");
+}
+
+/// A redis-server child process of our own, stopped by pid on drop.
+struct PrivateRedis {
+    child: Child,
+    port: u16,
+}
+
+impl PrivateRedis {
+    fn start(args: &[String], port: u16) -> PrivateRedis {
+        let child = Command::new("redis-server")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        PrivateRedis { child, port }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn redis_cli(args: &[&str]) -> String {
+    let out = Command::new("redis-cli").args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn the_lease_works_over_rediss() {
+    let certs = Certs::make();
+    let port = free_port();
+    let tls_args: Vec<String> = [
+        "--port",
+        "0",
+        "--tls-port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--tls-cert-file",
+        certs.path("server.pem").to_str().unwrap(),
+        "--tls-key-file",
+        certs.path("server.key").to_str().unwrap(),
+        "--tls-ca-cert-file",
+        certs.path("ca.pem").to_str().unwrap(),
+        "--tls-auth-clients",
+        "no",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let _redis = PrivateRedis::start(&tls_args, port);
+    let ca = certs.path("ca.pem");
+    let cli = |args: &[&str]| {
+        let mut all = vec![
+            "--tls",
+            "--cacert",
+            ca.to_str().unwrap(),
+            "-h",
+            "localhost",
+            "-p",
+        ];
+        let p = port.to_string();
+        all.push(&p);
+        all.extend_from_slice(args);
+        redis_cli(&all)
+    };
+    wait_until(LONG, "the TLS redis", || cli(&["PING"]) == "PONG");
+
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    db.insert(10);
+    let key = unique("md:tls:lock");
+    let mut env = daemon_env(&db, &receiver.url());
+    for (k, v) in [
+        ("DISTRIBUTED_LOCK_ENABLED", "true"),
+        ("DISTRIBUTED_LOCK_TTL", "10s"),
+        ("MAX_PROCESSING_TIME", "2s"),
+        ("REDIS_URL", &format!("rediss://localhost:{port}/")),
+        ("REDIS_CA_CERT", ca.to_str().unwrap()),
+        ("DISTRIBUTED_LOCK_KEY", &key),
+    ] {
+        set(&mut env, k, v);
+    }
+    let out = run(DISPATCHER, &["check-config"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains(&format!("REDIS_URL=rediss://localhost:{port}/")));
+
+    let daemon = Daemon::start(&env);
+    daemon.wait_log("Lock acquired", LONG);
+    wait_until(LONG, "delivery under the TLS lease", || {
+        db.count("sent") == 10
+    });
+    assert!(cli(&["GET", &key])
+        .starts_with(daemon.health().unwrap().1["instance_id"].as_str().unwrap()));
+    let (status, health) = daemon.health().unwrap();
+    assert_eq!(
+        (status, health["dependencies"]["redis"].as_str()),
+        (200, Some("healthy"))
+    );
+}
+
+#[test]
+fn the_lease_follows_a_sentinel_failover() {
+    let master_port = free_port();
+    let replica_port = free_port();
+    let plain = |port: u16, extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let mut master = PrivateRedis::start(&plain(master_port, &[]), master_port);
+    let master_addr = format!("127.0.0.1 {master_port}");
+    let _replica = PrivateRedis::start(
+        &plain(
+            replica_port,
+            &["--replicaof", "127.0.0.1", &master_port.to_string()],
+        ),
+        replica_port,
+    );
+    wait_until(LONG, "the replica in sync", || {
+        redis_cli(&["-p", &replica_port.to_string(), "INFO", "replication"])
+            .contains("master_link_status:up")
+    });
+
+    let dir = std::env::temp_dir().join(unique("md_sentinel"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut sentinels = Vec::new();
+    let mut sentinel_addrs = Vec::new();
+    for i in 0..3 {
+        let port = free_port();
+        let conf = dir.join(format!("sentinel-{i}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster {master_addr} 2\n\
+                 sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n\
+                 sentinel parallel-syncs mymaster 1\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        sentinels.push(PrivateRedis::start(
+            &[conf.display().to_string(), "--sentinel".into()],
+            port,
+        ));
+        sentinel_addrs.push(format!("127.0.0.1:{port}"));
+    }
+    for s in &sentinels {
+        wait_until(LONG, "the sentinels to see each other", || {
+            redis_cli(&["-p", &s.port.to_string(), "SENTINEL", "master", "mymaster"])
+                .contains("num-other-sentinels\n2")
+        });
+    }
+
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    receiver.respond_with(|_, _| Answer::accepted().delay(Duration::from_millis(20)));
+    db.insert(400);
+    let key = unique("md:sentinel:lock");
+    let mut env = daemon_env(&db, &receiver.url());
+    for (k, v) in [
+        ("DISTRIBUTED_LOCK_ENABLED", "true"),
+        ("DISTRIBUTED_LOCK_TTL", "3s"),
+        ("MAX_PROCESSING_TIME", "1s"),
+        ("WEBHOOK_TIMEOUT", "1s"),
+        ("BATCH_SIZE", "5"),
+        ("REDIS_SENTINELS", &sentinel_addrs.join(",")),
+        ("REDIS_SENTINEL_MASTER", "mymaster"),
+        ("DISTRIBUTED_LOCK_KEY", &key),
+        ("REDIS_URL", "redis://127.0.0.1:1/"),
+    ] {
+        set(&mut env, k, v);
+    }
+    let out = run(DISPATCHER, &["check-config"], &env);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("REDIS_SENTINEL_MASTER=mymaster"), "{shown}");
+    let a = Daemon::spawn("a", &env);
+    let b = Daemon::spawn("b", &env);
+    a.wait_healthy_or_degraded();
+    b.wait_healthy_or_degraded();
+    wait_until(LONG, "some deliveries", || db.count("sent") >= 40);
+
+    master.kill();
+    wait_until(LONG, "the sentinels to promote the replica", || {
+        redis_cli(&[
+            "-p",
+            &sentinels[0].port.to_string(),
+            "SENTINEL",
+            "get-master-addr-by-name",
+            "mymaster",
+        ])
+        .contains(&replica_port.to_string())
+    });
+    wait_until(
+        Duration::from_secs(120),
+        "every message delivered after the failover",
+        || db.count("sent") == 400,
+    );
+    let keys = receiver.keys();
+    assert_eq!(keys.len(), 400, "nothing lost");
+    let repeats: usize = keys.values().map(|n| n - 1).sum();
+    assert!(
+        repeats <= 10,
+        "repeats bounded by what was in flight: {repeats}"
+    );
+    // Each message was recorded once: `sent` rows carry exactly one attempt unless repeated.
+    let double_marked: i64 = db
+        .client()
+        .query_one(
+            "SELECT count(*) FROM messages WHERE status = 'sent' AND attempts > 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(double_marked as usize <= repeats);
+    let acquired = a.log_lines("Lock acquired").len() + b.log_lines("Lock acquired").len();
+    assert!(acquired >= 2, "the lease was taken again on the new master");
+    let _ = std::fs::remove_dir_all(&dir);
+}
