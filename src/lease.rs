@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use redis::{Connection, Script};
 
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -30,6 +31,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('DEL', KEYS[1])
 end
 return 0";
+
+/// Longest pause between acquisitions while PostgreSQL cannot start an epoch.
+const EPOCH_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Until when this instance may start webhook requests; shared by the scheduler and workers.
 pub struct Permit {
@@ -154,6 +158,9 @@ pub struct Leadership {
     margin: Duration,
     /// Whether the last Redis call worked; drives /health and quiets repeated warnings.
     redis_ok: bool,
+    /// Paces acquisitions while PostgreSQL cannot start an epoch, so that a standby does not
+    /// take the key, fail and give it back every retry period for as long as the outage lasts.
+    epoch_backoff: Backoff,
     held_since: Option<Instant>,
     metrics: Arc<Metrics>,
 }
@@ -176,6 +183,7 @@ impl Leadership {
                 retry_every: Duration::MAX,
                 margin: Duration::ZERO,
                 redis_ok: true,
+                epoch_backoff: Backoff::new(Duration::ZERO, Duration::ZERO),
                 held_since: None,
                 metrics,
             });
@@ -204,6 +212,10 @@ impl Leadership {
             // Covers clock-rate drift between us and Redis, and a little scheduling slack.
             margin: (config.lock_ttl / 10).max(Duration::from_millis(20)),
             redis_ok: true,
+            epoch_backoff: Backoff::new(
+                config.lease_retry_period(),
+                config.lease_retry_period().max(EPOCH_RETRY_MAX),
+            ),
             held_since: None,
             metrics,
         })
@@ -298,6 +310,7 @@ impl Leadership {
         match result {
             Ok(true) => match store.begin_epoch() {
                 Ok(epoch) => {
+                    self.epoch_backoff.succeed();
                     self.epoch = Some(epoch);
                     self.leading = true;
                     self.held_since = Some(started);
@@ -309,9 +322,16 @@ impl Leadership {
                     log::info!(key = self.key().as_str(), epoch = epoch; "Lock acquired");
                 }
                 Err(e) => {
-                    // Without a new epoch our writes would be fenced anyway: step back.
+                    // Without a new epoch our writes would be fenced anyway: step back, and try
+                    // again only after a growing pause (PostgreSQL is probably down).
                     self.metrics.lock_acquire_failures.inc();
-                    log::warn!(error = e.to_string().as_str(); "Cannot start a leadership epoch, releasing the lock");
+                    let wait = self.epoch_backoff.fail();
+                    self.next_tick = self.next_tick.max(Instant::now() + wait);
+                    log::warn!(
+                        error = e.to_string().as_str(),
+                        retry_in = crate::config::fmt_duration(wait).as_str();
+                        "Cannot start a leadership epoch, releasing the lock"
+                    );
                     let _ = self.lease().release();
                 }
             },
