@@ -244,6 +244,10 @@ impl Leadership {
 
     /// When the scheduler should call [`Leadership::tick`] next.
     pub fn next_tick(&self) -> Instant {
+        if self.lease.is_none() {
+            // Nothing to keep: never the reason to wake up.
+            return Instant::now() + Duration::from_secs(3600);
+        }
         match self.deadline {
             Some(deadline) if self.leading => self.next_tick.min(deadline),
             _ => self.next_tick,

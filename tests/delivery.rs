@@ -404,3 +404,34 @@ fn migrations_run_once_even_when_started_together() {
         .get(0);
     assert_eq!(applied, 1);
 }
+
+/// CPU ticks (utime + stime, in 1/100 s) a process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn an_idle_daemon_does_not_spin() {
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    for interval in ["2m", "0"] {
+        let mut env = daemon_env(&db, &receiver.url());
+        set(&mut env, "PROCESSING_INTERVAL", interval);
+        let daemon = Daemon::start(&env);
+        let before = cpu_ticks(daemon.pid());
+        std::thread::sleep(Duration::from_secs(2));
+        let used = cpu_ticks(daemon.pid()) - before;
+        // A busy loop would burn ~200 ticks here; an idle daemon a handful at most.
+        assert!(
+            used < 40,
+            "PROCESSING_INTERVAL={interval}: {used} ticks in 2 s while idle"
+        );
+    }
+}
