@@ -385,17 +385,33 @@ fn database_url(env: &Env) -> Result<String, Error> {
         // Checked, with its TLS settings, by `Config::postgres` once everything is read.
         return Ok(url.to_owned());
     }
-    let port = env.parse_num("DB_PORT", 5432, 1, u16::MAX.into())?;
-    let mut url = Url::parse("postgres://localhost/").expect("static URL");
-    url.set_host(Some(env.get("DB_HOST").unwrap_or("localhost")))
-        .map_err(|e| Error::Config(format!("DB_HOST: {e}")))?;
-    let _ = url.set_port(Some(port as u16));
-    let _ = url.set_username(env.get("DB_USER").unwrap_or("postgres"));
-    if let Some(password) = env.get("DB_PASSWORD") {
-        let _ = url.set_password(Some(password));
-    }
+    let mut url = url_from_parts(env, "postgres", "DB", 5432, Some("postgres"))?;
     url.set_path(env.get("DB_NAME").unwrap_or("messages"));
     Ok(url.to_string())
+}
+
+/// `scheme://[user][:password]@host:port/` from `{PREFIX}_HOST`, `_PORT`, `_USER` and
+/// `_PASSWORD`, percent-encoded as needed.
+fn url_from_parts(
+    env: &Env,
+    scheme: &str,
+    prefix: &str,
+    default_port: u16,
+    default_user: Option<&str>,
+) -> Result<Url, Error> {
+    let var = |part: &str| format!("{prefix}_{part}");
+    let port = env.parse_num(&var("PORT"), default_port.into(), 1, u16::MAX.into())?;
+    let mut url = Url::parse(&format!("{scheme}://localhost/")).expect("static URL");
+    url.set_host(Some(env.get(&var("HOST")).unwrap_or("localhost")))
+        .map_err(|e| Error::Config(format!("{}: {e}", var("HOST"))))?;
+    let _ = url.set_port(Some(port as u16));
+    if let Some(user) = env.get(&var("USER")).or(default_user) {
+        let _ = url.set_username(user);
+    }
+    if let Some(password) = env.get(&var("PASSWORD")) {
+        let _ = url.set_password(Some(password));
+    }
+    Ok(url)
 }
 
 fn redis_settings(env: &Env) -> Result<RedisSettings, Error> {
@@ -437,15 +453,7 @@ fn redis_url(env: &Env) -> Result<String, Error> {
             .map_err(|e| Error::Config(format!("REDIS_URL: not a Redis URL ({e})")))?;
         return Ok(url.to_owned());
     }
-    let port = env.parse_num("REDIS_PORT", 6379, 1, u16::MAX.into())?;
-    let mut url = Url::parse("redis://localhost/").expect("static URL");
-    url.set_host(Some(env.get("REDIS_HOST").unwrap_or("localhost")))
-        .map_err(|e| Error::Config(format!("REDIS_HOST: {e}")))?;
-    let _ = url.set_port(Some(port as u16));
-    if let Some(password) = env.get("REDIS_PASSWORD") {
-        let _ = url.set_password(Some(password));
-    }
-    Ok(url.to_string())
+    Ok(url_from_parts(env, "redis", "REDIS", 6379, None)?.to_string())
 }
 
 fn webhook_url(raw: &str) -> Result<Url, Error> {
