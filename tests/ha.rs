@@ -1,0 +1,1147 @@
+//! High availability: the Redis lease under crashes, pauses and outages.
+//!
+//! Every test runs the real binary as several child processes against a real PostgreSQL
+//! database of its own and a Redis lease key of its own, delivering to a receiver in the test.
+//! Each instance sends to its own path (`/instance-N`), so the receiver can tell who sent what
+//! and when. The tests run one at a time (they measure time-outs and take-overs, which a busy
+//! machine must not blur) and wait on conditions with deadlines, never on bare sleeps.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// DISTRIBUTED_LOCK_TTL of most tests.
+const TTL: Duration = Duration::from_secs(3);
+/// How often a standby tries to take the lease: PROCESSING_INTERVAL, being shorter than TTL/3.
+const RETRY: Duration = Duration::from_millis(100);
+const BATCH: usize = 10;
+const WORKERS: usize = 4;
+const LONG: Duration = Duration::from_secs(60);
+
+/// The tests measure take-over times; running them one at a time keeps those honest.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Settings for an instance behind the lease: short timings, its own lock key.
+fn ha_env(database_url: &str, redis_url: &str, key: &str) -> Vec<(String, String)> {
+    [
+        ("DATABASE_URL", database_url),
+        ("REDIS_URL", redis_url),
+        ("DISTRIBUTED_LOCK_ENABLED", "true"),
+        ("DISTRIBUTED_LOCK_KEY", key),
+        ("DISTRIBUTED_LOCK_TTL", "3s"),
+        ("MAX_PROCESSING_TIME", "1s"),
+        ("WEBHOOK_TIMEOUT", "1s"),
+        ("PROCESSING_INTERVAL", "100ms"),
+        ("BATCH_SIZE", "10"),
+        ("WORKER_COUNT", "4"),
+        ("MAX_ATTEMPTS", "50"),
+        ("RETRY_BASE_DELAY", "100ms"),
+        ("RETRY_MAX_DELAY", "500ms"),
+        ("LOG_LEVEL", "debug"),
+        ("SERVER_HOST", "127.0.0.1"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+fn path_of(n: usize) -> String {
+    format!("/instance-{n}")
+}
+
+/// Starts instance `n`, sending to `/instance-n` on the receiver, and waits for its /health.
+fn start_instance(n: usize, env: &[(String, String)], receiver: &Receiver) -> Daemon {
+    let mut env = env.to_vec();
+    let url = format!("http://127.0.0.1:{}{}", receiver.port, path_of(n));
+    set(&mut env, "WEBHOOK_URL", &url);
+    let daemon = Daemon::spawn(&format!("instance-{n}"), &env);
+    daemon.wait_healthy_or_degraded();
+    daemon
+}
+
+fn held_at(port: u16) -> bool {
+    get(&format!("http://127.0.0.1:{port}/health")).is_some_and(|(_, v)| v["lock"]["held"] == true)
+}
+
+fn instance_id(daemon: &Daemon) -> String {
+    let (_, health) = daemon.health().expect("/health answers");
+    health["instance_id"].as_str().unwrap().to_owned()
+}
+
+/// Reads every instance's `lock.held` twice, in the order 0..n and then n..0, and returns who
+/// held at both reads, or an error when the reads prove two holders at once: an instance that
+/// held at both its reads (so throughout, as a take-over needs far longer than a sweep) while
+/// an instance read in between held too.
+fn sweep(ports: &[u16]) -> Result<Vec<bool>, String> {
+    let first: Vec<bool> = ports.iter().map(|p| held_at(*p)).collect();
+    let mut second = vec![false; ports.len()];
+    for (i, p) in ports.iter().enumerate().rev() {
+        second[i] = held_at(*p);
+    }
+    for i in 0..ports.len() {
+        for j in i + 1..ports.len() {
+            if first[i] && second[i] && (first[j] || second[j]) {
+                return Err(format!(
+                    "ports {} and {} both held the lease: first reads {first:?}, second {second:?}",
+                    ports[i], ports[j]
+                ));
+            }
+        }
+    }
+    Ok((0..ports.len()).map(|i| first[i] && second[i]).collect())
+}
+
+fn ports_of(daemons: &[&Daemon]) -> Vec<u16> {
+    daemons.iter().map(|d| d.port).collect()
+}
+
+/// Waits until exactly one of `daemons` holds the lease; returns its index.
+fn wait_one_holder(daemons: &[&Daemon]) -> usize {
+    let ports = ports_of(daemons);
+    let mut holder = None;
+    wait_until(Duration::from_secs(20), "exactly one lease holder", || {
+        let held = sweep(&ports).unwrap();
+        holder = held.iter().position(|h| *h);
+        held.iter().filter(|h| **h).count() == 1
+    });
+    holder.unwrap()
+}
+
+fn redis_value(url: &str, key: &str) -> Option<String> {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .unwrap();
+    redis::cmd("GET").arg(key).query(&mut conn).unwrap()
+}
+
+/// The instance whose token the lease key holds (tokens are `<instance_id>:<random>`).
+fn redis_holder(url: &str, key: &str) -> Option<String> {
+    redis_value(url, key).map(|v| v.rsplit_once(':').unwrap().0.to_owned())
+}
+
+/// Checks `condition` again and again for `period`, failing the test the first time it is false.
+fn hold_for(period: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let end = Instant::now() + period;
+    while Instant::now() < end {
+        assert!(condition(), "{what} stopped being true");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits for a log line `msg` beyond the first `before` ones and returns it.
+fn wait_new_log(daemon: &Daemon, msg: &str, before: usize, timeout: Duration) -> serde_json::Value {
+    let what = format!("a new {msg:?} from {}", daemon.name);
+    wait_until(timeout, &what, || daemon.log_lines(msg).len() > before);
+    daemon.log_lines(msg).swap_remove(before)
+}
+
+/// Requests per path, in arrival order.
+fn by_path(seen: &[Seen]) -> BTreeMap<String, Vec<Seen>> {
+    let mut paths: BTreeMap<String, Vec<Seen>> = BTreeMap::new();
+    for s in seen {
+        paths.entry(s.path.clone()).or_default().push(s.clone());
+    }
+    paths
+}
+
+/// Extra requests beyond the first for each Idempotency-Key.
+fn duplicates(receiver: &Receiver) -> usize {
+    receiver.keys().values().map(|n| n - 1).sum()
+}
+
+/// Every request of one sender must have finished (its answer takes `answer_time`) before a
+/// different sender's request arrives: the receiver never sees two senders at once.
+fn assert_one_sender_at_a_time(seen: &[Seen], answer_time: Duration) {
+    let mut seen: Vec<&Seen> = seen.iter().collect();
+    seen.sort_by_key(|s| s.at);
+    let mut last_of: HashMap<&str, Instant> = HashMap::new();
+    for s in &seen {
+        for (path, last) in &last_of {
+            if *path != s.path {
+                assert!(
+                    s.at >= *last + answer_time,
+                    "{} sent while {path} had a request in flight ({:?} after it started)",
+                    s.path,
+                    s.at - *last
+                );
+            }
+        }
+        last_of.insert(&s.path, s.at);
+    }
+}
+
+// --- private servers -------------------------------------------------------------------------
+
+/// A `redis-server` child process of the test's own, on a fixed port, killed by its pid.
+struct PrivateRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    /// None (with the reason printed) when redis-server is not installed.
+    fn start() -> Option<PrivateRedis> {
+        let mut redis = PrivateRedis {
+            port: free_port(),
+            child: None,
+        };
+        if let Err(e) = redis.restart() {
+            eprintln!("SKIPPED: cannot run redis-server: {e}");
+            return None;
+        }
+        Some(redis)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Starts the server (again) on the same port and waits until it answers.
+    fn restart(&mut self) -> std::io::Result<()> {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        let url = self.url();
+        wait_until(Duration::from_secs(10), "redis-server to answer", || {
+            redis::Client::open(url.as_str())
+                .unwrap()
+                .get_connection_with_timeout(Duration::from_millis(200))
+                .is_ok()
+        });
+        Ok(())
+    }
+
+    /// Kills the server (SIGKILL, by pid) and reaps it.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A PostgreSQL cluster of the test's own (initdb + pg_ctl in a temporary directory), so the
+/// test can stop and start the server under a running daemon. PostgreSQL refuses to run as
+/// root, so as root the cluster belongs to the `postgres` user.
+struct PrivatePg {
+    dir: PathBuf,
+    bin: PathBuf,
+    port: u16,
+    as_postgres: bool,
+}
+
+impl PrivatePg {
+    /// None (with the reason printed) when no PostgreSQL server binaries are installed.
+    fn start() -> Option<PrivatePg> {
+        let Some(bin) = pg_bin_dir() else {
+            eprintln!("SKIPPED: no PostgreSQL server binaries (initdb, pg_ctl) found");
+            return None;
+        };
+        let as_postgres = is_root();
+        let dir = std::env::temp_dir().join(unique("md_pg"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pg = PrivatePg {
+            dir,
+            bin,
+            port: free_port(),
+            as_postgres,
+        };
+        if as_postgres {
+            let out = Command::new("chown")
+                .args(["postgres:postgres", pg.dir.to_str().unwrap()])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "chown: {out:?}");
+        }
+        let data = pg.data();
+        let out = pg.run(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
+        assert!(out.status.success(), "initdb failed: {out:?}");
+        pg.start_server();
+        Some(pg)
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").to_str().unwrap().to_owned()
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) -> std::process::Output {
+        let program = self.bin.join(tool);
+        let mut command = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
+        } else {
+            Command::new(&program)
+        };
+        command.args(args).current_dir(&self.dir).output().unwrap()
+    }
+
+    fn start_server(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("server.log");
+        let out = self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data(),
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                &options,
+                "start",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {out:?}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    /// `pg_ctl stop -m fast`: disconnects every client and shuts down.
+    fn stop_server(&self) {
+        let out = self.run(
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "fast", "-w", "-t", "60", "stop"],
+        );
+        assert!(out.status.success(), "pg_ctl stop failed: {out:?}");
+    }
+
+    fn client(&self) -> postgres::Client {
+        postgres::Client::connect(&self.url(), postgres::NoTls).unwrap()
+    }
+
+    fn count(&self, status: &str) -> i64 {
+        self.client()
+            .query_one(
+                "SELECT count(*) FROM messages WHERE status = $1",
+                &[&status],
+            )
+            .unwrap()
+            .get(0)
+    }
+
+    fn insert(&self, n: usize) {
+        self.client()
+            .execute(
+                "INSERT INTO messages (recipient, content)
+                 SELECT '+90555' || lpad(i::text, 7, '0'), 'message ' || i FROM generate_series(1, $1) AS i",
+                &[&(n as i32)],
+            )
+            .unwrap();
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        let data = self.data();
+        let stopped = self.run("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
+        let pid_file = Path::new(&data).join("postmaster.pid");
+        if !stopped.status.success() {
+            // Still running and pg_ctl could not stop it: kill the postmaster by its pid, the
+            // first line of its pid file.
+            if let Ok(text) = std::fs::read_to_string(pid_file) {
+                if let Some(pid) = text.lines().next().filter(|p| p.parse::<u32>().is_ok()) {
+                    let _ = Command::new("kill").args(["-KILL", pid]).status();
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Where initdb and pg_ctl live: $PG_BIN, the newest /usr/lib/postgresql/*/bin, or pg_config's.
+fn pg_bin_dir() -> Option<PathBuf> {
+    let has_tools = |d: &Path| d.join("initdb").exists() && d.join("pg_ctl").exists();
+    if let Ok(dir) = std::env::var("PG_BIN") {
+        return Some(PathBuf::from(dir)).filter(|d| has_tools(d));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse().ok()?;
+            Some((version, e.path().join("bin")))
+        })
+        .filter(|(_, d)| has_tools(d))
+        .collect();
+    versions.sort();
+    if let Some((_, dir)) = versions.pop() {
+        return Some(dir);
+    }
+    let out = Command::new("pg_config").arg("--bindir").output().ok()?;
+    Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())).filter(|d| has_tools(d))
+}
+
+/// Runs `migrate` against `url`.
+fn migrate(url: &str) {
+    let out = run(
+        DISPATCHER,
+        &["migrate"],
+        &[("DATABASE_URL".into(), url.into())],
+    );
+    assert!(
+        out.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether every thread of `pid` is stopped (SIGSTOP took effect).
+fn stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(Result::ok).all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('T'))
+            })
+            .unwrap_or(false)
+    })
+}
+
+/// Holds the receiver's answers to one path until opened; counts the requests it holds.
+struct Gate {
+    path: String,
+    closed: Mutex<bool>,
+    opened: Condvar,
+    holding: AtomicUsize,
+}
+
+impl Gate {
+    fn new(path: &str) -> Arc<Gate> {
+        Arc::new(Gate {
+            path: path.into(),
+            closed: Mutex::new(false),
+            opened: Condvar::new(),
+            holding: AtomicUsize::new(0),
+        })
+    }
+
+    fn close(&self) {
+        *self.closed.lock().unwrap() = true;
+    }
+
+    fn open(&self) {
+        *self.closed.lock().unwrap() = false;
+        self.opened.notify_all();
+    }
+
+    /// Opens the gate when dropped, so a failing test never leaves receiver threads blocked.
+    fn open_on_drop(self: &Arc<Gate>) -> impl Drop {
+        struct Opener(Arc<Gate>);
+        impl Drop for Opener {
+            fn drop(&mut self) {
+                self.0.open();
+            }
+        }
+        Opener(self.clone())
+    }
+
+    fn pass(&self, seen: &Seen) {
+        if seen.path != self.path {
+            return;
+        }
+        let mut closed = self.closed.lock().unwrap();
+        if *closed {
+            self.holding.fetch_add(1, Ordering::SeqCst);
+            while *closed {
+                closed = self.opened.wait(closed).unwrap();
+            }
+            self.holding.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+// --- the tests -------------------------------------------------------------------------------
+
+#[test]
+fn one_holder_among_three_and_sigkill_fails_over_within_the_ttl() {
+    let _serial = serial();
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    let answer_time = Duration::from_millis(40);
+    receiver.respond_with(move |_, _| Answer::accepted().delay(answer_time));
+    let key = unique("md_lock");
+    let env = ha_env(&db.url, &redis_url(), &key);
+    let total = 400;
+    db.insert(total);
+    let mut nodes: Vec<Daemon> = (1..=3)
+        .map(|n| start_instance(n, &env, &receiver))
+        .collect();
+    let all: Vec<&Daemon> = nodes.iter().collect();
+    let ports = ports_of(&all);
+    let first = wait_one_holder(&all);
+
+    // Steady state: the same single holder at every sample, and it is the one Redis names.
+    let holder_id = instance_id(&nodes[first]);
+    for _ in 0..25 {
+        let held = sweep(&ports).unwrap();
+        let expected: Vec<bool> = (0..3).map(|i| i == first).collect();
+        assert_eq!(
+            held,
+            expected,
+            "exactly instance-{} holds the lease",
+            first + 1
+        );
+        assert_eq!(
+            redis_holder(&redis_url(), &key).as_deref(),
+            Some(holder_id.as_str())
+        );
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        let (code, health) = node.health().unwrap();
+        assert_eq!(code, 200, "{health}");
+        assert_eq!(health["lock"]["enabled"], true);
+        if i != first {
+            assert!(
+                node.log_lines("Lock acquired").is_empty(),
+                "{} never led",
+                node.name
+            );
+        }
+    }
+
+    // Kill -9 the holder in the middle of the backlog.
+    wait_until(LONG, "a backlog in progress", || receiver.count() >= 40);
+    let killed = path_of(first + 1);
+    let kill_at = Instant::now();
+    nodes[first].child.kill().unwrap();
+    nodes[first].wait_exit(Duration::from_secs(10));
+    assert!(db.count("pending") > 0, "the kill must land mid-backlog");
+
+    let survivors: Vec<&Daemon> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != first)
+        .map(|(_, d)| d)
+        .collect();
+    let survivor_ports = ports_of(&survivors);
+    let mut first_after = None;
+    wait_until(TTL * 3, "a standby to take over and send", || {
+        sweep(&survivor_ports).unwrap();
+        first_after = receiver
+            .seen()
+            .iter()
+            .filter(|s| s.path != killed && s.at > kill_at)
+            .map(|s| (s.at, s.path.clone()))
+            .min();
+        first_after.is_some()
+    });
+    let (took_over_at, new_path) = first_after.unwrap();
+    let failover = took_over_at - kill_at;
+    eprintln!("failover after SIGKILL of the holder (TTL {TTL:?}): first request from the new holder {failover:?} after the kill");
+    assert!(
+        failover <= TTL + RETRY + Duration::from_secs(1),
+        "a standby takes over within TTL + one retry period (+ slack for the first claim): {failover:?}"
+    );
+    let new_index = survivors
+        .iter()
+        .position(|d| d.name == new_path.trim_start_matches('/'))
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the new holder to show in /health",
+        || sweep(&survivor_ports).unwrap() == (0..2).map(|i| i == new_index).collect::<Vec<_>>(),
+    );
+    assert_eq!(
+        redis_holder(&redis_url(), &key),
+        Some(instance_id(survivors[new_index])),
+        "Redis names the new holder"
+    );
+
+    wait_until(LONG, "every message sent", || {
+        db.count("sent") == total as i64
+    });
+    let keys = receiver.keys();
+    assert_eq!(keys.len(), total, "every message reached the receiver");
+    let dups = duplicates(&receiver);
+    eprintln!(
+        "duplicates after SIGKILL: {dups} (at most 2×BATCH_SIZE = {})",
+        2 * BATCH
+    );
+    assert!(
+        dups <= 2 * BATCH,
+        "only what was in flight is sent twice: {dups}"
+    );
+    assert_eq!(
+        db.count("sending") + db.count("pending") + db.count("failed"),
+        0
+    );
+    // The dead holder sent nothing after it died, and the two senders never overlapped.
+    let seen = receiver.seen();
+    assert!(seen.iter().all(|s| s.path != killed || s.at < kill_at));
+    let paths = by_path(&seen);
+    assert_eq!(
+        paths.len(),
+        2,
+        "only the first and the new holder sent: {:?}",
+        paths.keys()
+    );
+}
+
+#[test]
+fn sigterm_releases_the_lease_and_a_standby_takes_over_at_once() {
+    let _serial = serial();
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    let answer_time = Duration::from_millis(40);
+    receiver.respond_with(move |_, _| Answer::accepted().delay(answer_time));
+    let key = unique("md_lock");
+    let mut env = ha_env(&db.url, &redis_url(), &key);
+    let ttl = Duration::from_secs(10);
+    set(&mut env, "DISTRIBUTED_LOCK_TTL", "10s");
+    let mut a = start_instance(1, &env, &receiver);
+    wait_one_holder(&[&a]);
+    let b = start_instance(2, &env, &receiver);
+    assert_eq!(wait_one_holder(&[&a, &b]), 0);
+
+    let total = 300;
+    db.insert(total);
+    wait_until(LONG, "the holder sending", || receiver.count() >= 30);
+    let term_at = Instant::now();
+    a.signal("TERM");
+    let status = a.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "a clean stop exits 0");
+    assert_eq!(a.log_lines("Lock released").len(), 1);
+
+    let mut first_b = None;
+    wait_until(ttl, "the standby to take over", || {
+        first_b = receiver
+            .seen()
+            .iter()
+            .filter(|s| s.path == path_of(2))
+            .map(|s| s.at)
+            .min();
+        first_b.is_some()
+    });
+    let takeover = first_b.unwrap() - term_at;
+    eprintln!("takeover after SIGTERM of the holder (TTL {ttl:?}): first request from the new holder {takeover:?} after the signal");
+    assert!(
+        takeover < Duration::from_secs(2),
+        "well before the TTL: {takeover:?}"
+    );
+    b.wait_log("Lock acquired", Duration::from_secs(5));
+
+    wait_until(LONG, "every message sent", || {
+        db.count("sent") == total as i64
+    });
+    assert_eq!(receiver.keys().len(), total);
+    assert_eq!(
+        duplicates(&receiver),
+        0,
+        "a graceful hand-over sends nothing twice"
+    );
+    assert_eq!(db.count("sending") + db.count("pending"), 0);
+    assert_one_sender_at_a_time(&receiver.seen(), answer_time);
+}
+
+#[test]
+fn a_paused_holder_sends_nothing_after_its_lease_expires_and_its_writes_are_fenced() {
+    let _serial = serial();
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    let gate = Gate::new(&path_of(1));
+    let answer_time = Duration::from_millis(200);
+    let g = gate.clone();
+    receiver.respond_with(move |seen, _| {
+        g.pass(seen);
+        Answer::accepted().delay(answer_time)
+    });
+    let _open_on_exit = gate.open_on_drop();
+    let key = unique("md_lock");
+    let env = ha_env(&db.url, &redis_url(), &key);
+    let mut a = start_instance(1, &env, &receiver);
+    wait_one_holder(&[&a]);
+    let b = start_instance(2, &env, &receiver);
+    assert_eq!(wait_one_holder(&[&a, &b]), 0);
+
+    // Slow sends: the receiver holds A's requests until every worker of A is inside one, so
+    // the pause lands while requests are in flight (and never between a check and a send).
+    gate.close();
+    let total = 60;
+    db.insert(total);
+    wait_until(
+        Duration::from_secs(10),
+        "every worker of A inside a request",
+        || gate.holding.load(Ordering::SeqCst) == WORKERS,
+    );
+    let pause_at = Instant::now();
+    a.signal("STOP");
+    wait_until(Duration::from_secs(5), "A to stop", || stopped(a.pid()));
+    gate.open();
+
+    // The lease expires; B takes over, recovers what A held and sends it.
+    wait_until(TTL * 3, "B to take the lease while A is paused", || {
+        !b.log_lines("Lock acquired").is_empty()
+    });
+    wait_until(Duration::from_secs(10), "B sending", || {
+        receiver.seen().iter().any(|s| s.path == path_of(2))
+    });
+    wait_until(TTL * 2, "a pause longer than the TTL", || {
+        pause_at.elapsed() > TTL + Duration::from_secs(1)
+    });
+    let resume_at = Instant::now();
+    let losses_before = a.log_lines("Lock lost").len();
+    a.signal("CONT");
+
+    let lost = wait_new_log(&a, "Lock lost", losses_before, Duration::from_secs(10));
+    assert!(
+        lost["reason"]
+            .as_str()
+            .unwrap()
+            .contains("could have expired"),
+        "{lost}"
+    );
+    a.wait_log(
+        "Outcome write rejected for some messages: leadership moved on; they will be recovered",
+        Duration::from_secs(10),
+    );
+    wait_until(LONG, "every message sent", || {
+        db.count("sent") == total as i64
+    });
+    assert!(a.is_running(), "A carries on as a standby");
+    assert_eq!(sweep(&[a.port, b.port]).unwrap(), vec![false, true]);
+
+    // A sent nothing once paused: certainly nothing after its lease expired (≤ TTL after the
+    // pause began), and nothing at all after it resumed.
+    let seen = receiver.seen();
+    let late: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.path == path_of(1) && s.at >= pause_at)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "A sent {} requests after the pause began",
+        late.len()
+    );
+    assert!(!seen
+        .iter()
+        .any(|s| s.path == path_of(1) && s.at >= resume_at));
+    // A's answered requests were never recorded (its write was fenced), so B sent those
+    // messages again: at least once, nothing lost.
+    let held_by_a: Vec<i64> = seen
+        .iter()
+        .filter(|s| s.path == path_of(1))
+        .map(Seen::key)
+        .collect();
+    assert_eq!(
+        held_by_a.len(),
+        WORKERS,
+        "A sent only the requests it held when paused"
+    );
+    for id in &held_by_a {
+        assert!(
+            seen.iter().any(|s| s.path == path_of(2) && s.key() == *id),
+            "B re-sent message {id}"
+        );
+    }
+    assert_eq!(receiver.keys().len(), total);
+    assert_eq!(duplicates(&receiver), WORKERS);
+    assert_eq!(db.count("sending") + db.count("pending"), 0);
+}
+
+#[test]
+fn a_redis_outage_stops_sending_and_recovers() {
+    let _serial = serial();
+    let Some(mut redis) = PrivateRedis::start() else {
+        return;
+    };
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    receiver.respond_with(|_, _| Answer::accepted().delay(Duration::from_millis(100)));
+    let key = unique("md_lock");
+    let env = ha_env(&db.url, &redis.url(), &key);
+    let mut a = start_instance(1, &env, &receiver);
+    wait_one_holder(&[&a]);
+    let mut b = start_instance(2, &env, &receiver);
+    assert_eq!(wait_one_holder(&[&a, &b]), 0);
+
+    let total = 150;
+    db.insert(total);
+    wait_until(LONG, "sending under way", || receiver.count() >= 10);
+    let losses_before = a.log_lines("Lock lost").len();
+    redis.stop();
+    wait_new_log(&a, "Lock lost", losses_before, Duration::from_secs(5));
+    let lost_at = Instant::now();
+
+    // Requests already started finish within WEBHOOK_TIMEOUT; after that, silence.
+    let quiet_from = lost_at + Duration::from_secs(1);
+    let unhealthy = |d: &Daemon| {
+        d.health().is_some_and(|(code, h)| {
+            code == 503
+                && h["status"] == "unhealthy"
+                && h["dependencies"]["redis"] == "unhealthy"
+                && h["dependencies"]["database"] == "healthy"
+                && h["lock"]["held"] == false
+        })
+    };
+    wait_until(
+        Duration::from_secs(5),
+        "/health to report Redis down",
+        || unhealthy(&a) && unhealthy(&b),
+    );
+    hold_for(
+        Duration::from_secs(3),
+        "the outage: no sends, both up, both unhealthy",
+        || {
+            a.is_running()
+                && b.is_running()
+                && unhealthy(&a)
+                && unhealthy(&b)
+                && !receiver.seen().iter().any(|s| s.at >= quiet_from)
+        },
+    );
+    let pending = db.count("pending");
+    assert!(pending > 0, "the outage came mid-backlog");
+
+    let back_at = Instant::now();
+    redis.restart().unwrap();
+    wait_until(LONG, "every message sent after Redis is back", || {
+        db.count("sent") == total as i64
+    });
+    let resumed = receiver
+        .seen()
+        .iter()
+        .filter(|s| s.at >= back_at)
+        .map(|s| s.at)
+        .min()
+        .unwrap();
+    eprintln!(
+        "Redis outage: sending resumed {:?} after Redis came back",
+        resumed - back_at
+    );
+    assert!(receiver
+        .seen()
+        .iter()
+        .all(|s| s.at < quiet_from || s.at >= back_at));
+    assert_eq!(receiver.keys().len(), total);
+    assert_eq!(db.count("sending") + db.count("pending"), 0);
+    let one = wait_one_holder(&[&a, &b]);
+    let holder = [&a, &b][one];
+    assert_eq!(redis_holder(&redis.url(), &key), Some(instance_id(holder)));
+    for d in [&a, &b] {
+        assert_eq!(d.health().unwrap().0, 200);
+    }
+    assert!(duplicates(&receiver) <= 2 * BATCH);
+}
+
+#[test]
+fn a_database_outage_backs_off_and_delivery_resumes() {
+    let _serial = serial();
+    let Some(pg) = PrivatePg::start() else {
+        return;
+    };
+    migrate(&pg.url());
+    let receiver = Receiver::start();
+    receiver.respond_with(|_, _| Answer::accepted().delay(Duration::from_millis(50)));
+    let key = unique("md_lock");
+    let env = ha_env(&pg.url(), &redis_url(), &key);
+    let mut a = start_instance(1, &env, &receiver);
+    wait_one_holder(&[&a]);
+    let total = 200;
+    pg.insert(total);
+    wait_until(LONG, "sending under way", || receiver.count() >= 20);
+
+    pg.stop_server();
+    let unhealthy = |d: &Daemon| {
+        d.health().is_some_and(|(code, h)| {
+            code == 503
+                && h["dependencies"]["database"] == "unhealthy"
+                && h["dependencies"]["redis"] == "healthy"
+        })
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "/health to report the database down",
+        || unhealthy(&a),
+    );
+    let before = a.log_lines("Database unavailable").len();
+    let outage = Duration::from_secs(6);
+    hold_for(outage, "the outage: up and unhealthy", || {
+        a.is_running() && unhealthy(&a)
+    });
+    let during = a.log_lines("Database unavailable");
+    let count = during.len() - before;
+    eprintln!("database outage: {count} 'Database unavailable' lines over {outage:?}");
+    // Reconnecting with backoff (100 ms doubling to 5 s), not every cycle (that would be ~60).
+    assert!(
+        count <= 15,
+        "no tight reconnect loop: {count} failures logged"
+    );
+    let last_wait = during.last().unwrap()["retry_in"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        humantime::parse_duration(&last_wait).unwrap() >= Duration::from_secs(1),
+        "the reconnect delay grew: {last_wait}"
+    );
+
+    let back_at = Instant::now();
+    pg.start_server();
+    wait_until(
+        LONG,
+        "every message sent after the database is back",
+        || pg.count("sent") == total as i64,
+    );
+    let resumed = receiver
+        .seen()
+        .iter()
+        .filter(|s| s.at >= back_at)
+        .map(|s| s.at)
+        .min()
+        .unwrap();
+    eprintln!(
+        "database outage: sending resumed {:?} after PostgreSQL came back",
+        resumed - back_at
+    );
+    a.wait_log("Database available again", Duration::from_secs(5));
+    assert_eq!(receiver.keys().len(), total, "nothing lost");
+    assert_eq!(pg.count("sending") + pg.count("pending"), 0);
+    assert!(a.is_running());
+    wait_until(Duration::from_secs(10), "/health healthy again", || {
+        a.health().unwrap().0 == 200
+    });
+    assert!(duplicates(&receiver) <= 2 * BATCH);
+}
+
+#[test]
+fn a_standby_does_not_spin_when_it_cannot_start_an_epoch() {
+    let _serial = serial();
+    let Some(pg) = PrivatePg::start() else {
+        return;
+    };
+    migrate(&pg.url());
+    let receiver = Receiver::start();
+    let key = unique("md_lock");
+    let env = ha_env(&pg.url(), &redis_url(), &key);
+    let mut a = start_instance(1, &env, &receiver);
+    wait_one_holder(&[&a]);
+    let mut b = start_instance(2, &env, &receiver);
+    assert_eq!(wait_one_holder(&[&a, &b]), 0);
+    receiver.respond_with(|_, _| Answer::accepted().delay(Duration::from_millis(50)));
+    let total = 50;
+    pg.insert(total);
+    wait_until(LONG, "A sending", || receiver.count() >= 1);
+
+    // The database goes down, then the holder dies: B can take the key but cannot start an
+    // epoch. It must back off instead of taking and releasing the key every retry period.
+    pg.stop_server();
+    a.child.kill().unwrap();
+    a.wait_exit(Duration::from_secs(10));
+    let msg = "Cannot start a leadership epoch, releasing the lock";
+    b.wait_log(msg, TTL * 3);
+    let first = Instant::now();
+    let before = b.log_lines(msg).len();
+    let window = Duration::from_secs(5);
+    hold_for(window, "B up and not holding", || {
+        b.is_running() && !held_at(b.port)
+    });
+    let attempts = b.log_lines(msg).len() - before;
+    eprintln!("database outage during a fail-over: {attempts} epoch attempts in {window:?} (retry period {RETRY:?})");
+    assert!(
+        attempts <= 10,
+        "backs off, not every {RETRY:?}: {attempts} attempts"
+    );
+    assert!(first.elapsed() >= window);
+
+    pg.start_server();
+    wait_until(LONG, "B to take over once the database is back", || {
+        held_at(b.port)
+    });
+    wait_until(LONG, "every message sent", || {
+        pg.count("sent") == total as i64
+    });
+    assert_eq!(receiver.keys().len(), total);
+}
+
+#[test]
+fn rolling_restart_under_load_loses_nothing_and_never_has_two_senders() {
+    let _serial = serial();
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    let answer_time = Duration::from_millis(30);
+    receiver.respond_with(move |_, _| Answer::accepted().delay(answer_time));
+    let key = unique("md_lock");
+    let env = ha_env(&db.url, &redis_url(), &key);
+    let mut total = 200;
+    db.insert(total);
+    let mut nodes: Vec<Daemon> = (1..=3)
+        .map(|n| start_instance(n, &env, &receiver))
+        .collect();
+    let all: Vec<&Daemon> = nodes.iter().collect();
+    wait_one_holder(&all);
+
+    // Sample /health of whoever runs, all along.
+    let sampled: Arc<Mutex<Vec<u16>>> =
+        Arc::new(Mutex::new(nodes.iter().map(|d| d.port).collect()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (sampled, stop) = (sampled.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut sweeps, mut violations) = (0, Vec::new());
+            while !stop.load(Ordering::SeqCst) {
+                let ports = sampled.lock().unwrap().clone();
+                if let Err(e) = sweep(&ports) {
+                    violations.push(e);
+                }
+                sweeps += 1;
+            }
+            (sweeps, violations)
+        })
+    };
+
+    let mut handovers = 0;
+    for round in 0..3 {
+        // Replace the holder while it is an original instance, else any original one.
+        let running: Vec<&Daemon> = nodes.iter().collect();
+        let holder = wait_one_holder(&running);
+        let victim = if nodes[holder]
+            .name
+            .trim_start_matches("instance-")
+            .parse::<usize>()
+            .unwrap()
+            <= 3
+        {
+            holder
+        } else {
+            nodes
+                .iter()
+                .position(|d| {
+                    d.name
+                        .trim_start_matches("instance-")
+                        .parse::<usize>()
+                        .unwrap()
+                        <= 3
+                })
+                .unwrap()
+        };
+        let was_holder = victim == holder;
+        let sent_before = receiver.count();
+        wait_until(LONG, "sending under way", || {
+            receiver.count() >= sent_before + 10
+        });
+        nodes[victim].signal("TERM");
+        let status = nodes[victim].wait_exit(Duration::from_secs(10));
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "round {round}: {} stops cleanly",
+            nodes[victim].name
+        );
+        if was_holder {
+            assert_eq!(nodes[victim].log_lines("Lock released").len(), 1);
+            handovers += 1;
+        }
+        let old = nodes.remove(victim);
+        let replacement = start_instance(4 + round, &env, &receiver);
+        {
+            let mut ports = sampled.lock().unwrap();
+            ports.retain(|p| *p != old.port);
+            ports.push(replacement.port);
+        }
+        nodes.push(replacement);
+        drop(old);
+        db.insert(100);
+        total += 100;
+    }
+    wait_until(LONG, "every message sent", || {
+        db.count("sent") == total as i64
+    });
+    stop.store(true, Ordering::SeqCst);
+    let (sweeps, violations) = sampler.join().unwrap();
+    eprintln!(
+        "rolling restart: {handovers} hand-overs, {sweeps} /health sweeps, {} duplicates",
+        duplicates(&receiver)
+    );
+    assert!(violations.is_empty(), "{violations:?}");
+    assert!(sweeps >= 20, "sampled all along: {sweeps}");
+    assert!(handovers >= 2);
+    assert_eq!(receiver.keys().len(), total, "nothing lost");
+    assert_eq!(
+        duplicates(&receiver),
+        0,
+        "graceful hand-overs send nothing twice"
+    );
+    assert_eq!(db.count("sending") + db.count("pending"), 0);
+    assert_one_sender_at_a_time(&receiver.seen(), answer_time);
+}
+
+#[test]
+fn without_the_lease_redis_is_not_needed() {
+    let _serial = serial();
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    let closed = format!("redis://127.0.0.1:{}/", free_port());
+    let mut env = ha_env(&db.url, &closed, &unique("md_lock"));
+    set(&mut env, "DISTRIBUTED_LOCK_ENABLED", "false");
+    db.insert(20);
+    let daemon = start_instance(1, &env, &receiver);
+    wait_until(LONG, "every message sent", || db.count("sent") == 20);
+    let (code, health) = daemon.health().unwrap();
+    assert_eq!(code, 200, "{health}");
+    assert_eq!(health["dependencies"]["redis"], "disabled");
+    assert_eq!(
+        health["lock"],
+        serde_json::json!({"enabled": false, "held": false})
+    );
+    assert!(daemon.log_lines("Lock acquired").is_empty());
+    assert_eq!(receiver.keys().len(), 20);
+}
