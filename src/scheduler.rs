@@ -56,6 +56,8 @@ pub struct Scheduler {
     next_recovery: Instant,
     last_watchdog: Instant,
     db: Backoff,
+    /// While PostgreSQL is failing: no statement (claim or outcome write) before this instant.
+    db_retry_at: Option<Instant>,
 }
 
 /// Bookkeeping for the `Message batch processed` line.
@@ -107,6 +109,7 @@ impl Scheduler {
             next_recovery: now,
             last_watchdog: now,
             db: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            db_retry_at: None,
         }
     }
 
@@ -147,6 +150,7 @@ impl Scheduler {
 
     fn may_claim(&self, now: Instant) -> bool {
         now >= self.next_claim
+            && self.db_retry_at.is_none_or(|at| now >= at)
             && self.leadership.leading()
             && self.in_flight + self.batch_size as usize <= self.max_in_flight
     }
@@ -264,7 +268,9 @@ impl Scheduler {
     fn database_failed(&mut self, e: &crate::error::Error) {
         let wait = self.db.fail();
         log::error!(error = e.to_string().as_str(), retry_in = crate::config::fmt_duration(wait).as_str(); "Database unavailable");
-        self.next_claim = Instant::now() + wait;
+        let at = Instant::now() + wait;
+        self.next_claim = at;
+        self.db_retry_at = Some(at);
     }
 
     fn database_ok(&mut self) {
@@ -272,6 +278,7 @@ impl Scheduler {
             log::info!("Database available again");
         }
         self.db.succeed();
+        self.db_retry_at = None;
     }
 
     fn take_outcome(&mut self, outcome: Outcome) {
@@ -286,6 +293,10 @@ impl Scheduler {
         let Some(since) = self.buffered_since else {
             return;
         };
+        // Outcomes arriving, or lease ticks, must not retry a failed write before the backoff.
+        if self.db_retry_at.is_some_and(|at| now < at) {
+            return;
+        }
         let due = self.buffered.len() >= self.batch_size as usize
             || self.in_flight == 0
             || now >= since + FLUSH_DELAY;
@@ -312,9 +323,9 @@ impl Scheduler {
                 ),
                 Ok(_) => {}
                 Err(e) => {
-                    // Keep the outcomes and try again: dropping them would resend delivered messages.
+                    // Keep the outcomes and try again after the backoff: dropping them would
+                    // resend delivered messages.
                     self.database_failed(&e);
-                    self.buffered_since = Some(Instant::now() + self.db_wait_hint());
                     return;
                 }
             }
@@ -324,10 +335,6 @@ impl Scheduler {
             self.count(outcome);
         }
         self.buffered_since = None;
-    }
-
-    fn db_wait_hint(&self) -> Duration {
-        self.next_claim.saturating_duration_since(Instant::now())
     }
 
     fn count(&mut self, outcome: Outcome) {
@@ -360,13 +367,15 @@ impl Scheduler {
     fn wait(&mut self) {
         let now = Instant::now();
         let mut until = self.leadership.next_tick();
+        // While PostgreSQL is failing, claims and writes wait for the backoff.
+        let db_ready = self.db_retry_at.unwrap_or(now);
         if self.leadership.leading()
             && self.in_flight + (self.batch_size as usize) <= self.max_in_flight
         {
-            until = until.min(self.next_claim);
+            until = until.min(self.next_claim.max(db_ready));
         }
         if let Some(since) = self.buffered_since {
-            until = until.min(since + FLUSH_DELAY);
+            until = until.min((since + FLUSH_DELAY).max(db_ready));
         }
         if let Some(period) = self.watchdog {
             until = until.min(self.last_watchdog + period);
