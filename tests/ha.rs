@@ -146,6 +146,21 @@ fn wait_new_log(daemon: &Daemon, msg: &str, before: usize, timeout: Duration) ->
     daemon.log_lines(msg).swap_remove(before)
 }
 
+/// A log line's `ts` (`2026-01-02T03:04:05.678Z`) in milliseconds since the Unix epoch.
+fn log_time_ms(line: &serde_json::Value) -> i64 {
+    let ts = line["ts"].as_str().unwrap();
+    let num = |range: std::ops::Range<usize>| ts[range].parse::<i64>().unwrap();
+    let (y, m, d) = (num(0..4), num(5..7), num(8..10));
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    let ms_of_day = ((num(11..13) * 60 + num(14..16)) * 60 + num(17..19)) * 1000 + num(20..23);
+    days * 86_400_000 + ms_of_day
+}
+
 /// Requests per path, in arrival order.
 fn by_path(seen: &[Seen]) -> BTreeMap<String, Vec<Seen>> {
     let mut paths: BTreeMap<String, Vec<Seen>> = BTreeMap::new();
@@ -298,8 +313,21 @@ impl PrivatePg {
         self.dir.join("data").to_str().unwrap().to_owned()
     }
 
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    /// The URL of database `db` in this cluster (`postgres` always exists).
+    fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Creates database `db` and applies the schema with the real `migrate` command.
+    fn create_migrated(&self, db: &str) -> String {
+        if db != "postgres" {
+            self.client("postgres")
+                .batch_execute(&format!("CREATE DATABASE {db}"))
+                .unwrap();
+        }
+        let url = self.url(db);
+        migrate(&url);
+        url
     }
 
     fn run(&self, tool: &str, args: &[&str]) -> std::process::Output {
@@ -352,12 +380,12 @@ impl PrivatePg {
         assert!(out.status.success(), "pg_ctl stop failed: {out:?}");
     }
 
-    fn client(&self) -> postgres::Client {
-        postgres::Client::connect(&self.url(), postgres::NoTls).unwrap()
+    fn client(&self, db: &str) -> postgres::Client {
+        postgres::Client::connect(&self.url(db), postgres::NoTls).unwrap()
     }
 
-    fn count(&self, status: &str) -> i64 {
-        self.client()
+    fn count(&self, db: &str, status: &str) -> i64 {
+        self.client(db)
             .query_one(
                 "SELECT count(*) FROM messages WHERE status = $1",
                 &[&status],
@@ -366,11 +394,12 @@ impl PrivatePg {
             .get(0)
     }
 
-    fn insert(&self, n: usize) {
-        self.client()
+    fn insert(&self, db: &str, n: usize) {
+        self.client(db)
             .execute(
                 "INSERT INTO messages (recipient, content)
-                 SELECT '+90555' || lpad(i::text, 7, '0'), 'message ' || i FROM generate_series(1, $1) AS i",
+                 SELECT '+90555' || lpad(i::text, 7, '0'), 'message ' || i
+                 FROM generate_series(1, $1) AS i",
                 &[&(n as i32)],
             )
             .unwrap();
@@ -888,78 +917,131 @@ fn a_database_outage_backs_off_and_delivery_resumes() {
     let Some(pg) = PrivatePg::start() else {
         return;
     };
-    migrate(&pg.url());
+    // Two daemons on two databases of the one cluster: a lease holder with an interval, and a
+    // single instance in continuous mode (LISTEN/NOTIFY), so one outage covers both loops.
+    let (leased_db, continuous_db) = ("postgres", "continuous");
+    let leased_url = pg.create_migrated(leased_db);
+    let continuous_url = pg.create_migrated(continuous_db);
     let receiver = Receiver::start();
     receiver.respond_with(|_, _| Answer::accepted().delay(Duration::from_millis(50)));
     let key = unique("md_lock");
-    let env = ha_env(&pg.url(), &redis_url(), &key);
-    let mut a = start_instance(1, &env, &receiver);
+    let leased_env = ha_env(&leased_url, &redis_url(), &key);
+    let mut a = start_instance(1, &leased_env, &receiver);
     wait_one_holder(&[&a]);
+    let mut continuous_env = ha_env(&continuous_url, &redis_url(), &key);
+    set(&mut continuous_env, "DISTRIBUTED_LOCK_ENABLED", "false");
+    set(&mut continuous_env, "PROCESSING_INTERVAL", "0");
+    let mut c = start_instance(2, &continuous_env, &receiver);
     let total = 200;
-    pg.insert(total);
-    wait_until(LONG, "sending under way", || receiver.count() >= 20);
+    pg.insert(leased_db, total);
+    pg.insert(continuous_db, total);
+    let sent_by = |n: usize| {
+        receiver
+            .seen()
+            .iter()
+            .filter(|s| s.path == path_of(n))
+            .count()
+    };
+    wait_until(LONG, "both sending", || {
+        sent_by(1) >= 20 && sent_by(2) >= 20
+    });
 
     pg.stop_server();
     let unhealthy = |d: &Daemon| {
         d.health().is_some_and(|(code, h)| {
             code == 503
+                && h["status"] == "unhealthy"
                 && h["dependencies"]["database"] == "unhealthy"
-                && h["dependencies"]["redis"] == "healthy"
         })
     };
     wait_until(
         Duration::from_secs(10),
         "/health to report the database down",
-        || unhealthy(&a),
+        || unhealthy(&a) && unhealthy(&c),
     );
-    let before = a.log_lines("Database unavailable").len();
     let outage = Duration::from_secs(6);
-    hold_for(outage, "the outage: up and unhealthy", || {
-        a.is_running() && unhealthy(&a)
+    hold_for(outage, "the outage: both up and unhealthy", || {
+        a.is_running() && c.is_running() && unhealthy(&a) && unhealthy(&c)
     });
-    let during = a.log_lines("Database unavailable");
-    let count = during.len() - before;
-    eprintln!("database outage: {count} 'Database unavailable' lines over {outage:?}");
-    // Reconnecting with backoff (100 ms doubling to 5 s), not every cycle (that would be ~60).
-    assert!(
-        count <= 15,
-        "no tight reconnect loop: {count} failures logged"
-    );
-    let last_wait = during.last().unwrap()["retry_in"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert!(
-        humantime::parse_duration(&last_wait).unwrap() >= Duration::from_secs(1),
-        "the reconnect delay grew: {last_wait}"
-    );
+    for d in [&a, &c] {
+        let failures = d.log_lines("Database unavailable");
+        let count = failures.len();
+        eprintln!(
+            "database outage: {count} 'Database unavailable' lines from {} over {} ms",
+            d.name,
+            log_time_ms(&failures[count - 1]) - log_time_ms(&failures[0])
+        );
+        // Reconnecting with backoff (100 ms doubling to 5 s), not every cycle or lease tick.
+        assert!(
+            (2..=10).contains(&count),
+            "{}: {count} failures logged",
+            d.name
+        );
+        // And each retry waits at least the delay the previous failure announced.
+        for pair in failures.windows(2) {
+            let gap = log_time_ms(&pair[1]) - log_time_ms(&pair[0]);
+            let announced =
+                humantime::parse_duration(pair[0]["retry_in"].as_str().unwrap()).unwrap();
+            assert!(
+                gap + 25 >= announced.as_millis() as i64,
+                "{}: retried after {gap} ms, announced {announced:?}: {pair:?}",
+                d.name
+            );
+        }
+        let last = humantime::parse_duration(failures[count - 1]["retry_in"].as_str().unwrap());
+        assert!(
+            last.unwrap() >= Duration::from_secs(1),
+            "{}: the delay grew",
+            d.name
+        );
+    }
 
     let back_at = Instant::now();
     pg.start_server();
     wait_until(
         LONG,
         "every message sent after the database is back",
-        || pg.count("sent") == total as i64,
+        || {
+            pg.count(leased_db, "sent") == total as i64
+                && pg.count(continuous_db, "sent") == total as i64
+        },
     );
-    let resumed = receiver
-        .seen()
-        .iter()
-        .filter(|s| s.at >= back_at)
-        .map(|s| s.at)
-        .min()
-        .unwrap();
-    eprintln!(
-        "database outage: sending resumed {:?} after PostgreSQL came back",
-        resumed - back_at
-    );
-    a.wait_log("Database available again", Duration::from_secs(5));
-    assert_eq!(receiver.keys().len(), total, "nothing lost");
-    assert_eq!(pg.count("sending") + pg.count("pending"), 0);
-    assert!(a.is_running());
+    for (n, d) in [(1, &a), (2, &c)] {
+        let resumed = receiver
+            .seen()
+            .iter()
+            .filter(|s| s.path == path_of(n) && s.at >= back_at)
+            .map(|s| s.at)
+            .min()
+            .unwrap();
+        eprintln!(
+            "database outage: {} resumed sending {:?} after PostgreSQL came back",
+            d.name,
+            resumed - back_at
+        );
+        d.wait_log("Database available again", Duration::from_secs(5));
+    }
+    for db in [leased_db, continuous_db] {
+        assert_eq!(
+            pg.count(db, "sending") + pg.count(db, "pending"),
+            0,
+            "{db}: nothing left"
+        );
+    }
+    // Both databases number their messages from 1: count keys per sender.
+    for n in [1, 2] {
+        let keys: std::collections::HashSet<i64> = receiver
+            .seen()
+            .iter()
+            .filter(|s| s.path == path_of(n))
+            .map(Seen::key)
+            .collect();
+        assert_eq!(keys.len(), total, "instance-{n} delivered every message");
+    }
+    assert!(a.is_running() && c.is_running());
     wait_until(Duration::from_secs(10), "/health healthy again", || {
-        a.health().unwrap().0 == 200
+        a.health().unwrap().0 == 200 && c.health().unwrap().0 == 200
     });
-    assert!(duplicates(&receiver) <= 2 * BATCH);
 }
 
 #[test]
@@ -968,17 +1050,17 @@ fn a_standby_does_not_spin_when_it_cannot_start_an_epoch() {
     let Some(pg) = PrivatePg::start() else {
         return;
     };
-    migrate(&pg.url());
+    let url = pg.create_migrated("postgres");
     let receiver = Receiver::start();
     let key = unique("md_lock");
-    let env = ha_env(&pg.url(), &redis_url(), &key);
+    let env = ha_env(&url, &redis_url(), &key);
     let mut a = start_instance(1, &env, &receiver);
     wait_one_holder(&[&a]);
     let mut b = start_instance(2, &env, &receiver);
     assert_eq!(wait_one_holder(&[&a, &b]), 0);
     receiver.respond_with(|_, _| Answer::accepted().delay(Duration::from_millis(50)));
     let total = 50;
-    pg.insert(total);
+    pg.insert("postgres", total);
     wait_until(LONG, "A sending", || receiver.count() >= 1);
 
     // The database goes down, then the holder dies: B can take the key but cannot start an
@@ -1007,7 +1089,7 @@ fn a_standby_does_not_spin_when_it_cannot_start_an_epoch() {
         held_at(b.port)
     });
     wait_until(LONG, "every message sent", || {
-        pg.count("sent") == total as i64
+        pg.count("postgres", "sent") == total as i64
     });
     assert_eq!(receiver.keys().len(), total);
 }
@@ -1048,30 +1130,22 @@ fn rolling_restart_under_load_loses_nothing_and_never_has_two_senders() {
         })
     };
 
+    let original = |d: &Daemon| {
+        d.name
+            .trim_start_matches("instance-")
+            .parse::<usize>()
+            .unwrap()
+            <= 3
+    };
     let mut handovers = 0;
     for round in 0..3 {
         // Replace the holder while it is an original instance, else any original one.
         let running: Vec<&Daemon> = nodes.iter().collect();
         let holder = wait_one_holder(&running);
-        let victim = if nodes[holder]
-            .name
-            .trim_start_matches("instance-")
-            .parse::<usize>()
-            .unwrap()
-            <= 3
-        {
+        let victim = if original(&nodes[holder]) {
             holder
         } else {
-            nodes
-                .iter()
-                .position(|d| {
-                    d.name
-                        .trim_start_matches("instance-")
-                        .parse::<usize>()
-                        .unwrap()
-                        <= 3
-                })
-                .unwrap()
+            nodes.iter().position(original).unwrap()
         };
         let was_holder = victim == holder;
         let sent_before = receiver.count();
@@ -1113,7 +1187,9 @@ fn rolling_restart_under_load_loses_nothing_and_never_has_two_senders() {
     );
     assert!(violations.is_empty(), "{violations:?}");
     assert!(sweeps >= 20, "sampled all along: {sweeps}");
-    assert!(handovers >= 2);
+    // The first round always stops the holder. Later the lease may sit with a replacement (one
+    // that starts just as the key is released can win it), so only that round is certain.
+    assert!(handovers >= 1);
     assert_eq!(receiver.keys().len(), total, "nothing lost");
     assert_eq!(
         duplicates(&receiver),
