@@ -95,21 +95,23 @@ fn listen(
             if shutdown.is_triggered() {
                 return;
             }
-            let mut rang = false;
             let failed = {
                 let mut notifications = client.notifications();
                 let mut iter = notifications.timeout_iter(HEARTBEAT);
                 loop {
                     match iter.next() {
-                        Ok(Some(_)) => rang = true,
+                        // Ring at once: waiting for a quiet second first would delay every
+                        // message by a second, and forever under a steady stream of inserts.
+                        // A notification is proof of life too.
+                        Ok(Some(_)) => {
+                            mark();
+                            ring(&bell);
+                        }
                         Ok(None) => break None,
                         Err(e) => break Some(e),
                     }
                 }
             };
-            if rang {
-                ring(&bell);
-            }
             if let Some(e) = failed {
                 break e.to_string();
             }
