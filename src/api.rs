@@ -559,7 +559,7 @@ impl Backend {
             "instance_id": self.status.instance_id,
             "lock": {
                 "enabled": self.status.lock_enabled,
-                "held": self.status.lock_held.load(Ordering::Relaxed),
+                "held": self.status.holds_lock(),
             },
             "dependencies": {
                 "database": word(database_ok),

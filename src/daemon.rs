@@ -31,9 +31,13 @@ pub fn serve(config: &Config) -> Result<(), Error> {
     let mut store = Store::new(config.postgres()?, &instance_id);
     migrate(&mut store)?;
 
-    let status = Arc::new(Status::new(&instance_id, config.lock_enabled));
     let metrics = Arc::new(Metrics::new());
     let leadership = Leadership::new(config, &instance_id, metrics.clone())?;
+    let status = Arc::new(Status::new(
+        &instance_id,
+        config.lock_enabled,
+        leadership.permit(),
+    ));
 
     let capacity = 2 * config.batch_size as usize;
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(capacity);

@@ -156,7 +156,7 @@ pub struct Leadership {
     extend_every: Duration,
     retry_every: Duration,
     margin: Duration,
-    /// Whether the last Redis call worked; drives /health and quiets repeated warnings.
+    /// Whether the last Redis call worked, so that an outage is warned about once.
     redis_ok: bool,
     /// Paces acquisitions while PostgreSQL cannot start an epoch, so that a standby does not
     /// take the key, fail and give it back every retry period for as long as the outage lasts.
@@ -236,10 +236,6 @@ impl Leadership {
 
     pub fn epoch(&self) -> Option<i64> {
         self.epoch
-    }
-
-    pub fn redis_ok(&self) -> bool {
-        self.redis_ok
     }
 
     /// When the scheduler should call [`Leadership::tick`] next.

@@ -139,9 +139,6 @@ impl Scheduler {
         self.status
             .lock_held
             .store(leading && self.leadership.enabled(), Ordering::Relaxed);
-        self.status
-            .redis_ok
-            .store(self.leadership.redis_ok(), Ordering::Relaxed);
         if leading && !was_leading {
             // A new leader starts a cycle at once instead of waiting an interval.
             self.next_claim = Instant::now();

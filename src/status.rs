@@ -1,27 +1,36 @@
 //! What the scheduler knows that `/health` reports: shared flags, written by one thread and read
 //! by the HTTP handlers without locks.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::lease::Permit;
 
 pub struct Status {
     pub instance_id: String,
     pub lock_enabled: bool,
+    /// Set by the scheduler each turn; read through [`Status::holds_lock`].
     pub lock_held: AtomicBool,
-    /// The scheduler's last view of Redis (true when the lease is off).
-    pub redis_ok: AtomicBool,
+    /// The workers' permit: checked too, so `/health` never says `held` once the lease may
+    /// have expired, even before the scheduler has had its next turn (e.g. after a pause).
+    permit: Arc<Permit>,
     /// The last known value of the cluster-wide processing switch.
     pub processing_enabled: AtomicBool,
 }
 
 impl Status {
-    pub fn new(instance_id: &str, lock_enabled: bool) -> Status {
+    pub fn new(instance_id: &str, lock_enabled: bool, permit: Arc<Permit>) -> Status {
         Status {
+            permit,
             instance_id: instance_id.to_owned(),
             lock_enabled,
             lock_held: AtomicBool::new(false),
-            redis_ok: AtomicBool::new(true),
             processing_enabled: AtomicBool::new(true),
         }
+    }
+
+    pub fn holds_lock(&self) -> bool {
+        self.lock_enabled && self.lock_held.load(Ordering::Relaxed) && self.permit.allows()
     }
 }
 
