@@ -4,11 +4,15 @@
 //! reused. The request is the SPEC's: `POST {"to","content"}` with `Idempotency-Key` and
 //! `webhook-id` stable across attempts, signed as Standard Webhooks 1.0 when a secret is set.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use ureq::http::Uri;
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 use ureq::Agent;
 use url::Url;
 
@@ -20,6 +24,8 @@ use crate::message::{Claimed, Delivery};
 const MAX_RESPONSE_BODY: u64 = 64 * 1024;
 /// How much of an error answer is kept in `last_error`.
 const MAX_ERROR_TEXT: usize = 200;
+/// How long a resolved webhook address is reused before the host name is looked up again.
+const RESOLVE_TTL: Duration = Duration::from_secs(5);
 
 pub struct Webhook {
     agent: Agent,
@@ -32,7 +38,7 @@ pub struct Webhook {
 
 impl Webhook {
     pub fn new(config: &Config, url: &Url) -> Webhook {
-        let agent: Agent = Agent::config_builder()
+        let config_builder = Agent::config_builder()
             .timeout_global(Some(config.webhook_timeout))
             .http_status_as_error(false)
             // A redirect is retried later, not followed: the receiver must be configured right.
@@ -41,8 +47,12 @@ impl Webhook {
             .max_idle_connections(config.worker_count as usize * 2)
             .max_idle_connections_per_host(config.worker_count as usize * 2)
             .user_agent(concat!("message-dispatcher/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
+            .build();
+        let agent = Agent::with_parts(
+            config_builder,
+            DefaultConnector::default(),
+            CachingResolver::default(),
+        );
         Webhook {
             agent,
             url: url.clone(),
@@ -108,6 +118,43 @@ impl Webhook {
                 Delivery::Retry { error, delay }
             }
         }
+    }
+}
+
+/// ureq looks the host up before every request, even one that reuses a pooled connection, and
+/// with a timeout configured it does so on a thread spawned for the purpose: a thread (and, for
+/// a host name, a DNS query) per message. This keeps the answer for [`RESOLVE_TTL`] instead. New
+/// connections still go to the current address within seconds of a DNS change; failures are
+/// not kept.
+#[derive(Debug, Default)]
+struct CachingResolver {
+    inner: DefaultResolver,
+    /// (scheme, authority, when resolved, addresses) of the last lookup.
+    last: Mutex<Option<(String, String, Instant, ResolvedSocketAddrs)>>,
+}
+
+impl Resolver for CachingResolver {
+    fn resolve(
+        &self,
+        uri: &Uri,
+        config: &ureq::config::Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let scheme = uri.scheme_str().unwrap_or_default();
+        let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+        if let Some((s, a, at, addrs)) = &*self.last.lock().unwrap_or_else(|e| e.into_inner()) {
+            if s == scheme && a == authority && at.elapsed() < RESOLVE_TTL {
+                return Ok(addrs.clone());
+            }
+        }
+        let addrs = self.inner.resolve(uri, config, timeout)?;
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((
+            scheme.to_owned(),
+            authority.to_owned(),
+            Instant::now(),
+            addrs.clone(),
+        ));
+        Ok(addrs)
     }
 }
 
@@ -213,6 +260,23 @@ pub fn sign(key: &[u8], webhook_id: &str, timestamp: u64, body: &[u8]) -> String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resolved_addresses_are_reused_only_for_the_same_host_and_port() {
+        let resolver = CachingResolver::default();
+        let config = ureq::config::Config::default();
+        let port = |uri: &str| {
+            let addrs = resolver
+                .resolve(&uri.parse().unwrap(), &config, NextTimeout::default())
+                .unwrap();
+            addrs.iter().next().unwrap().port()
+        };
+        assert_eq!(port("http://127.0.0.1:9001/a"), 9001);
+        assert_eq!(port("http://127.0.0.1:9001/b"), 9001);
+        assert_eq!(port("http://127.0.0.1:9002/a"), 9002);
+        assert_eq!(port("http://127.0.0.1/a"), 80);
+        assert_eq!(port("https://127.0.0.1/a"), 443);
+    }
 
     #[test]
     fn status_classes() {
