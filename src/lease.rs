@@ -386,6 +386,18 @@ impl Leadership {
         self.metrics.epoch.set(0);
     }
 
+    /// Hands the lease over while this instance cannot do the leader's work (its database is
+    /// unreachable): a standby that can reach PostgreSQL takes it at its next try.
+    pub fn step_down(&mut self, reason: &str) {
+        if !self.leading || self.lease.is_none() {
+            return;
+        }
+        log::warn!(key = self.key().as_str(), reason = reason; "Stepping down as leader");
+        self.release();
+        // Taking it straight back would only fail again at the epoch; wait a retry period.
+        self.next_tick = Instant::now() + self.retry_every;
+    }
+
     /// Gives the lease up on shutdown, if we may still hold it.
     pub fn release(&mut self) {
         let was_leading = self.leading;

@@ -37,6 +37,8 @@ pub struct Scheduler {
     interval: Duration,
     max_processing_time: Duration,
     recovery_timeout: Duration,
+    /// A leader whose database has been unreachable this long hands the lease over.
+    step_down_after: Duration,
     store: Store,
     leadership: Leadership,
     jobs: Sender<Job>,
@@ -58,6 +60,8 @@ pub struct Scheduler {
     db: Backoff,
     /// While PostgreSQL is failing: no statement (claim or outcome write) before this instant.
     db_retry_at: Option<Instant>,
+    /// When the current run of database failures began.
+    db_down_since: Option<Instant>,
 }
 
 /// Bookkeeping for the `Message batch processed` line.
@@ -91,6 +95,7 @@ impl Scheduler {
             interval: config.processing_interval,
             max_processing_time: config.max_processing_time,
             recovery_timeout: config.recovery_timeout(),
+            step_down_after: config.lock_ttl,
             store: parts.store,
             leadership: parts.leadership,
             jobs: parts.jobs,
@@ -110,6 +115,7 @@ impl Scheduler {
             last_watchdog: now,
             db: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             db_retry_at: None,
+            db_down_since: None,
         }
     }
 
@@ -126,6 +132,7 @@ impl Scheduler {
         self.pet_watchdog(now);
         let was_leading = self.leadership.leading();
         self.leadership.tick(&mut self.store);
+        self.step_down_if_cut_off(now);
         self.publish_leadership(was_leading);
         self.flush_if_due(now);
         if self.may_claim(now) {
@@ -262,7 +269,20 @@ impl Scheduler {
         now + due_in.map_or(cap, |d| d.min(cap))
     }
 
+    /// A leader cut off from PostgreSQL (while Redis still works) would keep the lease and stop
+    /// the whole cluster; after a TTL of failures it lets a standby that can reach it take over.
+    fn step_down_if_cut_off(&mut self, now: Instant) {
+        if self
+            .db_down_since
+            .is_some_and(|since| now.duration_since(since) >= self.step_down_after)
+        {
+            self.leadership
+                .step_down("PostgreSQL has been unreachable for longer than the lease TTL");
+        }
+    }
+
     fn database_failed(&mut self, e: &crate::error::Error) {
+        self.db_down_since.get_or_insert_with(Instant::now);
         let wait = self.db.fail();
         log::error!(error = e.to_string().as_str(), retry_in = crate::config::fmt_duration(wait).as_str(); "Database unavailable");
         let at = Instant::now() + wait;
@@ -276,6 +296,7 @@ impl Scheduler {
         }
         self.db.succeed();
         self.db_retry_at = None;
+        self.db_down_since = None;
     }
 
     fn take_outcome(&mut self, outcome: Outcome) {

@@ -1286,3 +1286,101 @@ fn without_the_lease_redis_is_not_needed() {
     assert!(daemon.log_lines("Lock acquired").is_empty());
     assert_eq!(receiver.keys().len(), 20);
 }
+
+/// A TCP proxy to PostgreSQL that the test can cut: it closes every connection it carries and
+/// refuses new ones, like a network partition between one instance and the database.
+struct Partition {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    streams: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Partition {
+    fn to_postgres() -> Partition {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let streams: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let (cut2, streams2) = (cut.clone(), streams.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if cut2.load(Ordering::SeqCst) {
+                    continue; // dropped: refused in effect
+                }
+                let Ok(server) = std::net::TcpStream::connect("127.0.0.1:5432") else {
+                    continue;
+                };
+                let mut all = streams2.lock().unwrap();
+                all.push(client.try_clone().unwrap());
+                all.push(server.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Partition { port, cut, streams }
+    }
+
+    /// The URL of `db` through this proxy.
+    fn url(&self, db: &TestDb) -> String {
+        db.url.replace(":5432/", &format!(":{}/", self.port))
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for s in self.streams.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn a_leader_cut_off_from_postgres_hands_the_lease_over() {
+    let _serial = serial();
+    let db = TestDb::migrated();
+    assert!(
+        db.url.contains(":5432/"),
+        "this test proxies the default server"
+    );
+    let receiver = Receiver::start();
+    let key = unique("md_lock");
+    let partition = Partition::to_postgres();
+    let a = start_instance(
+        1,
+        &ha_env(&partition.url(&db), &redis_url(), &key),
+        &receiver,
+    );
+    wait_one_holder(&[&a]);
+    let b = start_instance(2, &ha_env(&db.url, &redis_url(), &key), &receiver);
+    assert_eq!(wait_one_holder(&[&a, &b]), 0);
+
+    partition.cut();
+    let cut_at = Instant::now();
+    db.insert(50);
+    // a still reaches Redis and would keep the lease; after a TTL of failures it steps down.
+    a.wait_log("Stepping down as leader", LONG);
+    b.wait_log("Lock acquired", LONG);
+    wait_until(
+        LONG,
+        "delivery by the instance that reaches PostgreSQL",
+        || db.count("sent") == 50,
+    );
+    eprintln!(
+        "leader cut off from PostgreSQL: all delivered by the standby {:?} after the cut",
+        cut_at.elapsed()
+    );
+    assert!(receiver.seen().iter().all(|s| s.path == path_of(2)));
+    let (status, health) = a.health().unwrap();
+    assert_eq!(
+        (status, health["dependencies"]["database"].as_str()),
+        (503, Some("unhealthy"))
+    );
+    assert_eq!(health["lock"]["held"], false);
+}
