@@ -4,14 +4,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
+use common::servers::*;
 use common::*;
 
 const LONG: Duration = Duration::from_secs(60);
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// A CA and a server certificate for `localhost` only (no IP address), in a temp dir readable
 /// by the postgres user.
@@ -61,126 +61,25 @@ impl Drop for Certs {
     }
 }
 
-/// A PostgreSQL cluster of our own, run as the postgres user (initdb refuses root).
-struct PrivatePostgres {
-    dir: PathBuf,
-    port: u16,
-    child: Child,
-}
-
-fn as_postgres(program: &str) -> Command {
-    if unsafe_is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--", program]);
-        c
-    } else {
-        Command::new(program)
-    }
-}
-
-fn unsafe_is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-impl PrivatePostgres {
-    fn start_with_tls(certs: &Certs) -> PrivatePostgres {
-        let dir = std::env::temp_dir().join(unique("md_pg"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let chown = |p: &Path| {
-            assert!(Command::new("chown")
-                .arg("-R")
-                .arg("postgres:")
-                .arg(p)
-                .status()
-                .unwrap()
-                .success());
-        };
-        if unsafe_is_root() {
-            chown(&dir);
-            chown(&certs.dir);
-        }
-        let data = dir.join("data");
-        let out = as_postgres(&format!("{PG_BIN}/initdb"))
-            .args([
-                "-D",
-                data.to_str().unwrap(),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-            ])
+/// A private cluster serving TLS with the test's certificate (readable by the postgres user).
+fn postgres_with_tls(certs: &Certs) -> PrivatePg {
+    if is_root() {
+        let out = Command::new("chown")
+            .arg("-R")
+            .arg("postgres:")
+            .arg(&certs.dir)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let port = free_port();
-        let mut child = as_postgres(&format!("{PG_BIN}/postgres"))
-            .args([
-                "-D",
-                data.to_str().unwrap(),
-                "-p",
-                &port.to_string(),
-                "-k",
-                dir.to_str().unwrap(),
-            ])
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "ssl=on"])
-            .arg("-c")
-            .arg(format!(
-                "ssl_cert_file={}",
-                certs.path("server.pem").display()
-            ))
-            .arg("-c")
-            .arg(format!(
-                "ssl_key_file={}",
-                certs.path("server.key").display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let url = format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable");
-        wait_until(LONG, "the private PostgreSQL to accept connections", || {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("private PostgreSQL exited: {status}");
-            }
-            postgres::Client::connect(&url, postgres::NoTls).is_ok()
-        });
-        PrivatePostgres { dir, port, child }
+        assert!(out.status.success(), "chown: {out:?}");
     }
-
-    fn plain_client(&self) -> postgres::Client {
-        let url = format!(
-            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
-            self.port
-        );
-        postgres::Client::connect(&url, postgres::NoTls).unwrap()
-    }
-}
-
-impl Drop for PrivatePostgres {
-    fn drop(&mut self) {
-        // SIGINT is PostgreSQL's "fast shutdown"; then make sure, by the pid we started.
-        let _ = Command::new("kill")
-            .arg("-INT")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    let cert = certs.path("server.pem").display().to_string();
+    let key = certs.path("server.key").display().to_string();
+    PrivatePg::start_with(&[
+        ("ssl", "on"),
+        ("ssl_cert_file", &cert),
+        ("ssl_key_file", &key),
+    ])
+    .expect("PostgreSQL server binaries are installed on this kind of machine")
 }
 
 fn env_for(db_url: &str, receiver: &Receiver) -> Vec<(String, String)> {
@@ -203,7 +102,7 @@ fn env_for(db_url: &str, receiver: &Receiver) -> Vec<(String, String)> {
 #[test]
 fn postgres_over_tls_require_and_verify_full() {
     let certs = Certs::make();
-    let pg = PrivatePostgres::start_with_tls(&certs);
+    let pg = postgres_with_tls(&certs);
     let receiver = Receiver::start();
     let ca = certs.path("ca.pem");
 
@@ -226,20 +125,16 @@ fn postgres_over_tls_require_and_verify_full() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    pg.plain_client()
+    pg.client("postgres")
         .batch_execute("INSERT INTO messages (recipient, content) SELECT 'r' || g, 'c' || g FROM generate_series(1, 20) g")
         .unwrap();
 
     let daemon = Daemon::start(&env_for(&verify, &receiver));
     wait_until(LONG, "delivery over TLS", || {
-        pg.plain_client()
-            .query_one("SELECT count(*) FROM messages WHERE status = 'sent'", &[])
-            .unwrap()
-            .get::<_, i64>(0)
-            == 20
+        pg.count("postgres", "sent") == 20
     });
     let tls_connections: i64 = pg
-        .plain_client()
+        .client("postgres")
         .query_one(
             "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
              WHERE a.application_name LIKE 'message-dispatcher/%' AND s.ssl",
@@ -270,7 +165,7 @@ fn postgres_over_tls_require_and_verify_full() {
 #[test]
 fn verify_full_refuses_a_certificate_for_another_host() {
     let certs = Certs::make();
-    let pg = PrivatePostgres::start_with_tls(&certs);
+    let pg = postgres_with_tls(&certs);
     let receiver = Receiver::start();
     // The certificate names localhost; 127.0.0.1 is not in it.
     let url = format!(
@@ -308,35 +203,6 @@ fn verify_full_refuses_a_certificate_for_another_host() {
     assert!(stderr.contains("invalid peer certificate"), "{stderr}");
 }
 
-/// A redis-server child process of our own, stopped by pid on drop.
-struct PrivateRedis {
-    child: Child,
-    port: u16,
-}
-
-impl PrivateRedis {
-    fn start(args: &[String], port: u16) -> PrivateRedis {
-        let child = Command::new("redis-server")
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        PrivateRedis { child, port }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 fn redis_cli(args: &[&str]) -> String {
     let out = Command::new("redis-cli").args(args).output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
@@ -351,8 +217,6 @@ fn the_lease_works_over_rediss() {
         "0",
         "--tls-port",
         &port.to_string(),
-        "--bind",
-        "127.0.0.1",
         "--tls-cert-file",
         certs.path("server.pem").to_str().unwrap(),
         "--tls-key-file",
@@ -361,15 +225,11 @@ fn the_lease_works_over_rediss() {
         certs.path("ca.pem").to_str().unwrap(),
         "--tls-auth-clients",
         "no",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let _redis = PrivateRedis::start(&tls_args, port);
+    let _redis = PrivateRedis::start_with(port, tls_args).expect("redis-server is installed");
     let ca = certs.path("ca.pem");
     let cli = |args: &[&str]| {
         let mut all = vec![
@@ -429,32 +289,14 @@ fn the_lease_works_over_rediss() {
 fn the_lease_follows_a_sentinel_failover() {
     let master_port = free_port();
     let replica_port = free_port();
-    let plain = |port: u16, extra: &[&str]| -> Vec<String> {
-        let mut args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args
-    };
-    let mut master = PrivateRedis::start(&plain(master_port, &[]), master_port);
+    let mut master = PrivateRedis::start_with(master_port, Vec::new()).expect("redis-server");
     let master_addr = format!("127.0.0.1 {master_port}");
-    let _replica = PrivateRedis::start(
-        &plain(
-            replica_port,
-            &["--replicaof", "127.0.0.1", &master_port.to_string()],
-        ),
-        replica_port,
-    );
+    let replica_of = vec![
+        "--replicaof".into(),
+        "127.0.0.1".into(),
+        master_port.to_string(),
+    ];
+    let _replica = PrivateRedis::start_with(replica_port, replica_of).expect("redis-server");
     wait_until(LONG, "the replica in sync", || {
         redis_cli(&["-p", &replica_port.to_string(), "INFO", "replication"])
             .contains("master_link_status:up")
@@ -477,10 +319,7 @@ fn the_lease_follows_a_sentinel_failover() {
             ),
         )
         .unwrap();
-        sentinels.push(PrivateRedis::start(
-            &[conf.display().to_string(), "--sentinel".into()],
-            port,
-        ));
+        sentinels.push(PrivateRedis::sentinel(port, conf).expect("redis-server --sentinel"));
         sentinel_addrs.push(format!("127.0.0.1:{port}"));
     }
     for s in &sentinels {
@@ -518,7 +357,7 @@ fn the_lease_follows_a_sentinel_failover() {
     b.wait_healthy_or_degraded();
     wait_until(LONG, "some deliveries", || db.count("sent") >= 40);
 
-    master.kill();
+    master.stop();
     wait_until(LONG, "the sentinels to promote the replica", || {
         redis_cli(&[
             "-p",

@@ -3,6 +3,8 @@
 //! deadlines (never bare sleeps).
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod servers;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
