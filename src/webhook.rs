@@ -4,7 +4,7 @@
 //! reused. The request is the SPEC's: `POST {"to","content"}` with `Idempotency-Key` and
 //! `webhook-id` stable across attempts, signed as Standard Webhooks 1.0 when a secret is set.
 
-use std::sync::Mutex;
+use std::sync::RwLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -30,6 +30,9 @@ const RESOLVE_TTL: Duration = Duration::from_secs(5);
 pub struct Webhook {
     agent: Agent,
     url: Url,
+    /// `url` parsed once for ureq (cloning it is cheap); None if ureq cannot parse it, and then
+    /// every request fails as before with ureq's error.
+    uri: Option<Uri>,
     secret: Option<Vec<u8>>,
     max_attempts: u32,
     retry_base: Duration,
@@ -38,7 +41,7 @@ pub struct Webhook {
 
 impl Webhook {
     pub fn new(config: &Config, url: &Url) -> Webhook {
-        let config_builder = Agent::config_builder()
+        let agent_config = Agent::config_builder()
             .timeout_global(Some(config.webhook_timeout))
             .http_status_as_error(false)
             // A redirect is retried later, not followed: the receiver must be configured right.
@@ -49,13 +52,14 @@ impl Webhook {
             .user_agent(concat!("message-dispatcher/", env!("CARGO_PKG_VERSION")))
             .build();
         let agent = Agent::with_parts(
-            config_builder,
+            agent_config,
             DefaultConnector::default(),
             CachingResolver::default(),
         );
         Webhook {
             agent,
             url: url.clone(),
+            uri: url.as_str().parse().ok(),
             secret: config.webhook_secret.clone(),
             max_attempts: config.max_attempts,
             retry_base: config.retry_base_delay,
@@ -65,15 +69,17 @@ impl Webhook {
 
     /// Makes one request for `message` and decides what it means.
     pub fn deliver(&self, message: &Claimed) -> Delivery {
-        let body = serde_json::to_vec(&serde_json::json!({
-            "to": message.recipient,
-            "content": message.content,
-        }))
+        let body = serde_json::to_vec(&Body {
+            to: &message.recipient,
+            content: &message.content,
+        })
         .expect("strings always serialise");
         let webhook_id = format!("msg_{}", message.id);
-        let mut request = self
-            .agent
-            .post(self.url.as_str())
+        let request = match &self.uri {
+            Some(uri) => self.agent.post(uri.clone()),
+            None => self.agent.post(self.url.as_str()),
+        };
+        let mut request = request
             .header("Content-Type", "application/json")
             .header("Idempotency-Key", message.id.to_string())
             .header("webhook-id", &webhook_id);
@@ -130,7 +136,7 @@ impl Webhook {
 struct CachingResolver {
     inner: DefaultResolver,
     /// (scheme, authority, when resolved, addresses) of the last lookup.
-    last: Mutex<Option<(String, String, Instant, ResolvedSocketAddrs)>>,
+    last: RwLock<Option<(String, String, Instant, ResolvedSocketAddrs)>>,
 }
 
 impl Resolver for CachingResolver {
@@ -142,13 +148,13 @@ impl Resolver for CachingResolver {
     ) -> Result<ResolvedSocketAddrs, ureq::Error> {
         let scheme = uri.scheme_str().unwrap_or_default();
         let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-        if let Some((s, a, at, addrs)) = &*self.last.lock().unwrap_or_else(|e| e.into_inner()) {
+        if let Some((s, a, at, addrs)) = &*self.last.read().unwrap_or_else(|e| e.into_inner()) {
             if s == scheme && a == authority && at.elapsed() < RESOLVE_TTL {
                 return Ok(addrs.clone());
             }
         }
         let addrs = self.inner.resolve(uri, config, timeout)?;
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((
+        *self.last.write().unwrap_or_else(|e| e.into_inner()) = Some((
             scheme.to_owned(),
             authority.to_owned(),
             Instant::now(),
@@ -209,13 +215,59 @@ fn classify(status: u16, body: &[u8], retry_after: Option<Duration>) -> Answer {
     }
 }
 
+/// The request body, `{"to": …, "content": …}`, serialised without building a JSON tree.
+#[derive(serde::Serialize)]
+struct Body<'a> {
+    to: &'a str,
+    content: &'a str,
+}
+
 /// `messageId` from a JSON reply, when there is one.
 fn remote_message_id(body: &[u8]) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    match value.get("messageId")? {
-        serde_json::Value::String(s) => Some(s.clone()),
+    let reply: Reply = serde_json::from_slice(body).ok()?;
+    match reply.0? {
+        serde_json::Value::String(s) => Some(s),
         serde_json::Value::Number(n) => Some(n.to_string()),
         _ => None,
+    }
+}
+
+/// A JSON object reply, of which only `messageId` is kept: the rest is skipped, not built into
+/// a tree (this runs once per message). The last `messageId` wins, as in a parsed object.
+struct Reply(Option<serde_json::Value>);
+
+impl<'de> serde::Deserialize<'de> for Reply {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Reply, D::Error> {
+        #[derive(serde::Deserialize)]
+        enum Key {
+            #[serde(rename = "messageId")]
+            MessageId,
+            #[serde(other)]
+            Other,
+        }
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Reply;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Reply, A::Error> {
+                let mut id = None;
+                while let Some(key) = map.next_key()? {
+                    match key {
+                        Key::MessageId => id = Some(map.next_value()?),
+                        Key::Other => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(Reply(id))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
     }
 }
 
@@ -344,7 +396,52 @@ mod tests {
             remote_message_id(br#"{"messageId": 42}"#),
             Some("42".into())
         );
+        assert_eq!(
+            remote_message_id(br#"{"messageId": 4.5}"#),
+            Some("4.5".into())
+        );
         assert_eq!(remote_message_id(br#"{"id": 42}"#), None);
+    }
+
+    #[test]
+    fn message_ids_come_only_from_a_json_object() {
+        let id = |body: &str| remote_message_id(body.as_bytes());
+        assert_eq!(
+            id(r#"{"message":"Accepted","messageId":"a\"b","extra":{"x":[1,2]}}"#),
+            Some("a\"b".into())
+        );
+        assert_eq!(
+            id(r#"{"message\u0049d":"escaped key"}"#),
+            Some("escaped key".into())
+        );
+        assert_eq!(
+            id(r#"{"messageId":"first","messageId":"last"}"#),
+            Some("last".into())
+        );
+        for none in [
+            r#"["abc"]"#,
+            r#""abc""#,
+            r#"{"messageId":null}"#,
+            r#"{"messageId":{"x":1}}"#,
+            r#"{"messageId":true}"#,
+            r#"{"messageId":"x""#,
+            "",
+        ] {
+            assert_eq!(id(none), None, "{none}");
+        }
+    }
+
+    #[test]
+    fn the_body_is_the_specs_json() {
+        let body = serde_json::to_vec(&Body {
+            to: "+90555",
+            content: "say \"hi\" ✓",
+        })
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(body).unwrap(),
+            r#"{"to":"+90555","content":"say \"hi\" ✓"}"#
+        );
     }
 
     #[test]
