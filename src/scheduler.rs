@@ -323,36 +323,44 @@ impl Scheduler {
         }
     }
 
-    /// Writes buffered outcomes, one statement per epoch (normally exactly one).
+    /// Writes buffered outcomes, one statement per epoch (normally exactly one). What cannot
+    /// be written stays buffered for the next try: dropping it would resend delivered messages.
     fn flush(&mut self) {
-        let mut by_epoch: HashMap<Option<i64>, Vec<(i64, Delivery)>> = HashMap::new();
-        for o in &self.buffered {
+        let mut by_epoch: HashMap<Option<i64>, Vec<Outcome>> = HashMap::new();
+        for o in self.buffered.drain(..) {
             let epoch = self.batches.get(&o.batch).and_then(|b| b.epoch);
-            by_epoch
-                .entry(epoch)
-                .or_default()
-                .push((o.id, o.delivery.clone()));
+            by_epoch.entry(epoch).or_default().push(o);
         }
-        for (epoch, rows) in &by_epoch {
-            match self.store.record(*epoch, rows) {
-                Ok(n) if n < rows.len() as u64 => log::warn!(
-                    written = n, given = rows.len(), epoch = epoch.unwrap_or(0);
-                    "Outcome write rejected for some messages: leadership moved on; they will be recovered"
-                ),
-                Ok(_) => {}
+        let mut failed = false;
+        for (epoch, outcomes) in by_epoch {
+            if failed {
+                self.buffered.extend(outcomes);
+                continue;
+            }
+            let rows = outcomes.iter().map(|o| (o.id, &o.delivery));
+            match self.store.record(epoch, rows) {
+                Ok(written) => {
+                    if written < outcomes.len() as u64 {
+                        log::warn!(
+                            written = written, given = outcomes.len(), epoch = epoch.unwrap_or(0);
+                            "Outcome write rejected for some messages: leadership moved on; they will be recovered"
+                        );
+                    }
+                    for outcome in outcomes {
+                        self.count(outcome);
+                    }
+                }
                 Err(e) => {
-                    // Keep the outcomes and try again after the backoff: dropping them would
-                    // resend delivered messages.
                     self.database_failed(&e);
-                    return;
+                    failed = true;
+                    self.buffered.extend(outcomes);
                 }
             }
         }
-        self.database_ok();
-        for outcome in std::mem::take(&mut self.buffered) {
-            self.count(outcome);
+        if !failed {
+            self.database_ok();
+            self.buffered_since = None;
         }
-        self.buffered_since = None;
     }
 
     fn count(&mut self, outcome: Outcome) {

@@ -195,10 +195,10 @@ impl Store {
 
     /// Records the outcomes of messages claimed under `epoch` in one statement. Returns how many
     /// rows changed: fewer than given means the epoch was superseded (or rows were recovered).
-    pub fn record(
+    pub fn record<'a>(
         &mut self,
         epoch: Option<i64>,
-        outcomes: &[(i64, Delivery)],
+        outcomes: impl ExactSizeIterator<Item = (i64, &'a Delivery)>,
     ) -> Result<u64, Error> {
         let n = outcomes.len();
         let mut ids = Vec::with_capacity(n);
@@ -208,7 +208,7 @@ impl Store {
         let mut remote_ids: Vec<Option<&str>> = Vec::with_capacity(n);
         let mut delays = Vec::with_capacity(n);
         for (id, delivery) in outcomes {
-            ids.push(*id);
+            ids.push(id);
             let (status, attempt, error, remote, delay) = match delivery {
                 Delivery::Sent { remote_id } => ("sent", 1, None, remote_id.as_deref(), 0),
                 Delivery::Retry { error, delay } => (
