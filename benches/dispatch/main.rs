@@ -486,6 +486,9 @@ pub struct Drain {
     pub delivery_rate: f64,
     pub peak_rss_kb: u64,
     pub cpu_ms_per_1000: f64,
+    /// CPU of the PostgreSQL backends serving the daemon, per 1,000 messages (None when their
+    /// /proc entries are not readable).
+    pub db_cpu_ms_per_1000: Option<f64>,
     pub explain: Option<String>,
 }
 
@@ -493,7 +496,7 @@ impl Drain {
     fn describe(&self) -> String {
         format!(
             "drain BATCH_SIZE={} on {} rows: {} msgs in {:.2} s = {:.0} msgs/s (first→last {:.0}/s), \
-             peak RSS {} kB, CPU {:.0} ms / 1,000 msgs",
+             peak RSS {} kB, CPU {:.0} ms / 1,000 msgs (PostgreSQL {})",
             self.batch_size,
             if self.big_rows > 0 {
                 format!("{}+", self.big_rows)
@@ -505,7 +508,9 @@ impl Drain {
             self.rate,
             self.delivery_rate,
             self.peak_rss_kb,
-            self.cpu_ms_per_1000
+            self.cpu_ms_per_1000,
+            self.db_cpu_ms_per_1000
+                .map_or("not readable".into(), |v| format!("{v:.0} ms"))
         )
     }
 }
@@ -545,6 +550,18 @@ fn drain(
     let before: i64 = c
         .query_one("SELECT coalesce(max(id), 0) FROM messages", &[])?
         .get(0);
+    let backends: Vec<u32> = c
+        .query(
+            "SELECT pid FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND application_name LIKE 'message-dispatcher/%'",
+            &[],
+        )?
+        .iter()
+        .map(|r| r.get::<_, i32>(0) as u32)
+        .collect();
+    let db_ticks = || -> Option<u64> { backends.iter().map(|&b| procs::cpu_ticks(b).ok()).sum() };
+    let db_before = db_ticks();
     let cpu_before = procs::cpu_ticks(pid)?;
     c.execute(INSERT_BACKLOG, &[&s.messages])?;
     let committed: f64 = c
@@ -564,6 +581,7 @@ fn drain(
         std::thread::sleep(POLL);
     }
     let cpu_after = procs::cpu_ticks(pid)?;
+    let db_after = db_ticks();
     let peak_rss_kb = procs::status_kb(pid, "VmHWM")?;
     let row = c.query_one(
         "SELECT count(*) FILTER (WHERE status = 'sent'),
@@ -594,6 +612,9 @@ fn drain(
         delivery_rate: f64::from(s.messages - 1) / (last - first).max(1e-6),
         peak_rss_kb,
         cpu_ms_per_1000: ticks / procs::clock_ticks() * 1000.0 * 1000.0 / f64::from(s.messages),
+        db_cpu_ms_per_1000: db_before.zip(db_after).map(|(b, a)| {
+            a.saturating_sub(b) as f64 / procs::clock_ticks() * 1e6 / f64::from(s.messages)
+        }),
         explain,
     })
 }

@@ -153,6 +153,11 @@ impl Results<'_> {
             "| CPU time per 1,000 messages (dispatcher's utime + stime during the drain) | {:.0} ms | | |",
             best.cpu_ms_per_1000
         ));
+        if let Some(db) = best.db_cpu_ms_per_1000 {
+            line(&format!(
+                "| … and of the PostgreSQL backends serving it (claims, outcome writes) | {db:.0} ms | | |"
+            ));
+        }
         let l = &self.latency;
         let (where_, p) = match &l.receiver {
             Some(r) => ("insert → arrival at nginx", r),
@@ -204,8 +209,8 @@ impl Results<'_> {
         line("");
         line("Drains, every run (rates from the backlog's commit to the last `sent_at`; first → last delivery in brackets):");
         line("");
-        line("| BATCH_SIZE | table | msgs/s | × wrk | × bare | peak RSS | CPU / 1,000 msgs |");
-        line("|---|---|---|---|---|---|---|");
+        line("| BATCH_SIZE | table | msgs/s | × wrk | × bare | peak RSS | CPU / 1,000 msgs | PostgreSQL CPU / 1,000 |");
+        line("|---|---|---|---|---|---|---|---|");
         let runs = self
             .sweep
             .iter()
@@ -214,7 +219,7 @@ impl Results<'_> {
             .chain(self.fresh_again.iter().map(|d| (d, "fresh, again")));
         for (d, table) in runs {
             line(&format!(
-                "| {} | {table} | {} ({}) | {} | {:.2} | {:.1} MB | {:.0} ms |",
+                "| {} | {table} | {} ({}) | {} | {:.2} | {:.1} MB | {:.0} ms | {} |",
                 d.batch_size,
                 thousands(d.rate),
                 thousands(d.delivery_rate),
@@ -222,7 +227,9 @@ impl Results<'_> {
                     .map_or("—".into(), |w| format!("{:.2}", d.rate / w)),
                 d.rate / self.bare,
                 d.peak_rss_kb as f64 * 1024.0 / 1e6,
-                d.cpu_ms_per_1000
+                d.cpu_ms_per_1000,
+                d.db_cpu_ms_per_1000
+                    .map_or("—".into(), |v| format!("{v:.0} ms"))
             ));
         }
         if let Some(plan) = self.big.as_ref().and_then(|b| b.explain.as_ref()) {
