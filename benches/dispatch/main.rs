@@ -308,7 +308,9 @@ fn run(s: &Settings, work: &Workdir) -> Result<()> {
         idle,
     };
     let markdown = results.markdown();
-    println!("\n{markdown}");
+    if s.full {
+        println!("\n{markdown}");
+    }
     if let Some(path) = &s.out {
         report::write_section(path, &markdown)?;
         say(&format!("results written to {}", path.display()));
