@@ -253,11 +253,9 @@ pub fn write_section(path: &Path, markdown: &str) -> Result<()> {
     let text = match std::fs::read_to_string(path) {
         Ok(old) => match (old.find(BEGIN), old.find(END)) {
             (Some(b), Some(e)) if b < e => {
-                format!(
-                    "{}{section}{}",
-                    &old[..b],
-                    old[e + END.len()..].trim_start_matches('\n')
-                )
+                let after = old[e + END.len()..].trim_start_matches('\n');
+                let gap = if after.is_empty() { "" } else { "\n" };
+                format!("{}{section}{gap}{after}", &old[..b])
             }
             _ => format!("{}\n{section}", old.trim_end()),
         },
