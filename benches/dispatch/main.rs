@@ -314,6 +314,11 @@ fn run(s: &Settings, work: &Workdir) -> Result<()> {
     if let Some(path) = &s.out {
         report::write_section(path, &markdown)?;
         say(&format!("results written to {}", path.display()));
+        if path.ends_with("BENCHMARKS.md") {
+            let readme = path.with_file_name("README.md");
+            report::write_section(&readme, &report::summary(&markdown))?;
+            say(&format!("summary written to {}", readme.display()));
+        }
     }
     Ok(())
 }

@@ -247,6 +247,15 @@ impl Results<'_> {
     }
 }
 
+/// The headline part of a report (machine, settings, the table with the targets), for the
+/// README; BENCHMARKS.md keeps the rest.
+pub fn summary(markdown: &str) -> String {
+    let end = markdown
+        .find("\nDrains, every run")
+        .map_or(markdown.len(), |i| i + 1);
+    markdown[..end].to_owned()
+}
+
 /// Replaces the generated section of `path` (or appends one, or creates the file).
 pub fn write_section(path: &Path, markdown: &str) -> Result<()> {
     let section = format!("{BEGIN}\n{markdown}{END}\n");
