@@ -64,7 +64,6 @@ impl fmt::Display for TlsMode {
 pub struct Postgres {
     config: postgres::Config,
     tls: TlsMode,
-    root_cert: Option<PathBuf>,
     connector: MakeRustlsConnect,
 }
 
@@ -103,17 +102,12 @@ impl Postgres {
         Ok(Postgres {
             config,
             tls,
-            root_cert,
             connector,
         })
     }
 
     pub fn tls(&self) -> TlsMode {
         self.tls
-    }
-
-    pub fn root_cert(&self) -> Option<&Path> {
-        self.root_cert.as_deref()
     }
 
     pub fn set_application_name(&mut self, name: &str) {

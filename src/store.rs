@@ -158,10 +158,6 @@ impl Store {
         })
     }
 
-    pub fn is_connected(&self) -> bool {
-        self.conn.as_ref().is_some_and(|c| !c.client.is_closed())
-    }
-
     /// Applies pending migrations; returns the names applied now.
     pub fn migrate(&mut self) -> Result<Vec<&'static str>, Error> {
         // A dedicated connection: `open` refuses to work on an unmigrated database.
