@@ -82,23 +82,6 @@ fn postgres_with_tls(certs: &Certs) -> PrivatePg {
     .expect("PostgreSQL server binaries are installed on this kind of machine")
 }
 
-fn env_for(db_url: &str, receiver: &Receiver) -> Vec<(String, String)> {
-    let mut env = vec![];
-    for (k, v) in [
-        ("DATABASE_URL", db_url),
-        ("WEBHOOK_URL", receiver.url().as_str()),
-        ("PROCESSING_INTERVAL", "100ms"),
-        ("BATCH_SIZE", "10"),
-        ("WEBHOOK_TIMEOUT", "1s"),
-        ("MAX_PROCESSING_TIME", "1s"),
-        ("LOG_LEVEL", "debug"),
-        ("SERVER_HOST", "127.0.0.1"),
-    ] {
-        env.push((k.to_string(), v.to_string()));
-    }
-    env
-}
-
 #[test]
 fn postgres_over_tls_require_and_verify_full() {
     let certs = Certs::make();
@@ -118,7 +101,7 @@ fn postgres_over_tls_require_and_verify_full() {
         ca.display()
     );
     for url in [&require, &verify] {
-        let out = run(DISPATCHER, &["migrate"], &env_for(url, &receiver));
+        let out = run(DISPATCHER, &["migrate"], &env_for_url(url, &receiver.url()));
         assert!(
             out.status.success(),
             "{url}: {}",
@@ -129,7 +112,7 @@ fn postgres_over_tls_require_and_verify_full() {
         .batch_execute("INSERT INTO messages (recipient, content) SELECT 'r' || g, 'c' || g FROM generate_series(1, 20) g")
         .unwrap();
 
-    let daemon = Daemon::start(&env_for(&verify, &receiver));
+    let daemon = Daemon::start(&env_for_url(&verify, &receiver.url()));
     wait_until(LONG, "delivery over TLS", || {
         pg.count("postgres", "sent") == 20
     });
@@ -146,12 +129,12 @@ fn postgres_over_tls_require_and_verify_full() {
     drop(daemon);
 
     // The same over DB_SSL_ROOT_CERT instead of sslrootcert.
-    let mut env = env_for(
+    let mut env = env_for_url(
         &format!(
             "postgres://postgres@localhost:{}/postgres?sslmode=verify-full",
             pg.port
         ),
-        &receiver,
+        &receiver.url(),
     );
     env.push(("DB_SSL_ROOT_CERT".into(), ca.display().to_string()));
     let out = run(DISPATCHER, &["migrate"], &env);
@@ -173,7 +156,11 @@ fn verify_full_refuses_a_certificate_for_another_host() {
         pg.port,
         certs.path("ca.pem").display()
     );
-    let out = run(DISPATCHER, &["migrate"], &env_for(&url, &receiver));
+    let out = run(
+        DISPATCHER,
+        &["migrate"],
+        &env_for_url(&url, &receiver.url()),
+    );
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("127.0.0.1"), "names the host: {stderr}");
@@ -184,7 +171,11 @@ fn verify_full_refuses_a_certificate_for_another_host() {
 
     // verify-ca checks the chain only, so the same host passes.
     let url = url.replace("verify-full", "verify-ca");
-    let out = run(DISPATCHER, &["migrate"], &env_for(&url, &receiver));
+    let out = run(
+        DISPATCHER,
+        &["migrate"],
+        &env_for_url(&url, &receiver.url()),
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -197,7 +188,11 @@ fn verify_full_refuses_a_certificate_for_another_host() {
         certs.path("ca.pem").to_str().unwrap(),
         other.path("ca.pem").to_str().unwrap(),
     );
-    let out = run(DISPATCHER, &["migrate"], &env_for(&url, &receiver));
+    let out = run(
+        DISPATCHER,
+        &["migrate"],
+        &env_for_url(&url, &receiver.url()),
+    );
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("invalid peer certificate"), "{stderr}");

@@ -32,26 +32,20 @@ fn serial() -> MutexGuard<'static, ()> {
 
 /// Settings for an instance behind the lease: short timings, its own lock key.
 fn ha_env(database_url: &str, redis_url: &str, key: &str) -> Vec<(String, String)> {
-    [
-        ("DATABASE_URL", database_url),
+    // Each instance gets its own WEBHOOK_URL from `start_instance`.
+    let mut env = env_for_url(database_url, "");
+    for (k, v) in [
         ("REDIS_URL", redis_url),
         ("DISTRIBUTED_LOCK_ENABLED", "true"),
         ("DISTRIBUTED_LOCK_KEY", key),
         ("DISTRIBUTED_LOCK_TTL", "3s"),
         ("MAX_PROCESSING_TIME", "1s"),
         ("WEBHOOK_TIMEOUT", "1s"),
-        ("PROCESSING_INTERVAL", "100ms"),
-        ("BATCH_SIZE", "10"),
-        ("WORKER_COUNT", "4"),
         ("MAX_ATTEMPTS", "50"),
-        ("RETRY_BASE_DELAY", "100ms"),
-        ("RETRY_MAX_DELAY", "500ms"),
-        ("LOG_LEVEL", "debug"),
-        ("SERVER_HOST", "127.0.0.1"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
+    ] {
+        set(&mut env, k, v);
+    }
+    env
 }
 
 fn path_of(n: usize) -> String {

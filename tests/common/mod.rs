@@ -354,8 +354,13 @@ pub struct Daemon {
 
 /// Settings for a test daemon: fast cycles, its own port and database.
 pub fn daemon_env(db: &TestDb, webhook: &str) -> Vec<(String, String)> {
+    env_for_url(&db.url, webhook)
+}
+
+/// The same for a database given by URL (e.g. in a private cluster).
+pub fn env_for_url(database_url: &str, webhook: &str) -> Vec<(String, String)> {
     [
-        ("DATABASE_URL", db.url.as_str()),
+        ("DATABASE_URL", database_url),
         ("WEBHOOK_URL", webhook),
         ("PROCESSING_INTERVAL", "100ms"),
         ("BATCH_SIZE", "10"),
