@@ -308,7 +308,7 @@ impl Leadership {
         let result = self.lease().acquire();
         let was_ok = std::mem::replace(&mut self.redis_ok, result.is_ok());
         match result {
-            Ok(true) => match store.begin_epoch() {
+            Ok(true) => match self.epoch_to_hold(store) {
                 Ok(epoch) => {
                     self.epoch_backoff.succeed();
                     self.epoch = Some(epoch);
@@ -346,6 +346,18 @@ impl Leadership {
                 }
             }
         }
+    }
+
+    /// The epoch to lead under: ours again when PostgreSQL still shows it (nobody has led since
+    /// we lost the key, e.g. to a Redis hiccup, so our in-flight outcomes stay valid), else a
+    /// new one. Anyone else who led in between had to raise the epoch before writing.
+    fn epoch_to_hold(&self, store: &mut Store) -> Result<i64, Error> {
+        if let Some(mine) = self.epoch {
+            if store.state()?.epoch == mine {
+                return Ok(mine);
+            }
+        }
+        store.begin_epoch()
     }
 
     fn set_deadline(&mut self, started: Instant) {

@@ -637,7 +637,7 @@ fn a_redis_outage_stops_sending_and_recovers() {
 }
 
 #[test]
-fn redis_restarting_empty_moves_the_epoch_forward_and_loses_nothing() {
+fn redis_restarting_empty_never_moves_the_epoch_back_and_loses_nothing() {
     let _serial = serial();
     let Some(mut redis) = PrivateRedis::start() else {
         return;
@@ -673,12 +673,22 @@ fn redis_restarting_empty_moves_the_epoch_forward_and_loses_nothing() {
         "a new lease after the restart",
         || acquired() > acquired_before,
     );
-    // The epoch lives in PostgreSQL: it went on from where it was, not back to 1.
-    assert!(
-        epoch() > epoch_before,
-        "epoch {} after {epoch_before}",
-        epoch()
-    );
+    // The epoch lives in PostgreSQL: it never goes back (to 1, say). The old holder taking the
+    // key again keeps its epoch, as nobody led in between; the other instance starts a newer one.
+    let holder = wait_one_holder(&[&a, &b]);
+    if holder == 0 {
+        assert!(
+            epoch() >= epoch_before,
+            "epoch {} after {epoch_before}",
+            epoch()
+        );
+    } else {
+        assert!(
+            epoch() > epoch_before,
+            "epoch {} after {epoch_before}",
+            epoch()
+        );
+    }
 
     wait_until(LONG, "every message sent", || {
         db.count("sent") == total as i64
@@ -699,6 +709,53 @@ fn redis_restarting_empty_moves_the_epoch_forward_and_loses_nothing() {
         redis_holder(&redis.url(), &key),
         Some(instance_id([&a, &b][one]))
     );
+}
+
+#[test]
+fn a_holder_that_gets_its_own_key_back_keeps_its_epoch_and_repeats_nothing() {
+    let _serial = serial();
+    let Some(redis) = PrivateRedis::start() else {
+        return;
+    };
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    receiver.respond_with(|_, _| Answer::accepted().delay(Duration::from_millis(50)));
+    let env = ha_env(&db.url, &redis.url(), &unique("md_lock"));
+    let a = start_instance(1, &env, &receiver);
+    wait_one_holder(&[&a]);
+    let epoch = || -> i64 {
+        db.client()
+            .query_one("SELECT epoch FROM dispatcher_state", &[])
+            .unwrap()
+            .get(0)
+    };
+    let total = 150;
+    db.insert(total);
+    wait_until(LONG, "sending under way", || receiver.count() >= 10);
+    let epoch_before = epoch();
+
+    // Redis stalls past an extension (every TTL/3) but not past the key's TTL: the holder
+    // cannot prove its lease and stops, then finds the key still holding its token.
+    redis.signal("STOP");
+    wait_new_log(&a, "Lock lost", 0, Duration::from_secs(5));
+    redis.signal("CONT");
+    wait_new_log(&a, "Lock acquired", 1, Duration::from_secs(5));
+    assert_eq!(epoch(), epoch_before, "nobody led in between: same epoch");
+
+    wait_until(LONG, "every message sent", || {
+        db.count("sent") == total as i64
+    });
+    assert_eq!(receiver.keys().len(), total);
+    assert_eq!(
+        duplicates(&receiver),
+        0,
+        "outcomes of the requests in flight were kept, so nothing was sent again"
+    );
+    assert!(a
+        .log_lines(
+            "Outcome write rejected for some messages: leadership moved on; they will be recovered"
+        )
+        .is_empty());
 }
 
 #[test]

@@ -79,6 +79,17 @@ impl PrivateRedis {
         Ok(())
     }
 
+    /// Sends `signal` (e.g. `STOP`, `CONT`) to the server, by its pid.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     /// Kills the server (SIGKILL, by pid) and reaps it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
