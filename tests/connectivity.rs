@@ -101,12 +101,7 @@ fn postgres_over_tls_require_and_verify_full() {
         ca.display()
     );
     for url in [&require, &verify] {
-        let out = run(DISPATCHER, &["migrate"], &env_for_url(url, &receiver.url()));
-        assert!(
-            out.status.success(),
-            "{url}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        migrate(url);
     }
     pg.client("postgres")
         .batch_execute("INSERT INTO messages (recipient, content) SELECT 'r' || g, 'c' || g FROM generate_series(1, 20) g")
@@ -149,18 +144,13 @@ fn postgres_over_tls_require_and_verify_full() {
 fn verify_full_refuses_a_certificate_for_another_host() {
     let certs = Certs::make();
     let pg = postgres_with_tls(&certs);
-    let receiver = Receiver::start();
     // The certificate names localhost; 127.0.0.1 is not in it.
     let url = format!(
         "postgres://postgres@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={}",
         pg.port,
         certs.path("ca.pem").display()
     );
-    let out = run(
-        DISPATCHER,
-        &["migrate"],
-        &env_for_url(&url, &receiver.url()),
-    );
+    let out = try_migrate(&url);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("127.0.0.1"), "names the host: {stderr}");
@@ -171,16 +161,7 @@ fn verify_full_refuses_a_certificate_for_another_host() {
 
     // verify-ca checks the chain only, so the same host passes.
     let url = url.replace("verify-full", "verify-ca");
-    let out = run(
-        DISPATCHER,
-        &["migrate"],
-        &env_for_url(&url, &receiver.url()),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    migrate(&url);
 
     // A CA that did not sign the server's certificate fails verify-ca too.
     let other = Certs::make();
@@ -188,11 +169,7 @@ fn verify_full_refuses_a_certificate_for_another_host() {
         certs.path("ca.pem").to_str().unwrap(),
         other.path("ca.pem").to_str().unwrap(),
     );
-    let out = run(
-        DISPATCHER,
-        &["migrate"],
-        &env_for_url(&url, &receiver.url()),
-    );
+    let out = try_migrate(&url);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("invalid peer certificate"), "{stderr}");

@@ -315,13 +315,18 @@ pub fn pg_bin_dir() -> Option<PathBuf> {
     Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())).filter(|d| has_tools(d))
 }
 
-/// Runs `migrate` against `url`.
-pub fn migrate(url: &str) {
-    let out = run(
+/// Runs `migrate` against `url` and returns how it ended.
+pub fn try_migrate(url: &str) -> std::process::Output {
+    run(
         DISPATCHER,
         &["migrate"],
         &[("DATABASE_URL".into(), url.into())],
-    );
+    )
+}
+
+/// Runs `migrate` against `url`; it must succeed.
+pub fn migrate(url: &str) {
+    let out = try_migrate(url);
     assert!(
         out.status.success(),
         "migrate: {}",
