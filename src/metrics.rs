@@ -52,8 +52,8 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("message_dispatcher");
-        let m = Metrics {
+        let mut m = Metrics {
+            registry: Registry::with_prefix("message_dispatcher"),
             sent: Counter::default(),
             failed: Counter::default(),
             retried: Counter::default(),
@@ -73,9 +73,8 @@ impl Metrics {
             epoch: Gauge::default(),
             processing_enabled: Gauge::default(),
             http_requests: Family::default(),
-            registry: Registry::default(),
         };
-        let r = &mut registry;
+        let r = &mut m.registry;
         r.register("messages_sent", "Messages delivered (2xx)", m.sent.clone());
         r.register(
             "messages_failed",
@@ -162,7 +161,7 @@ impl Metrics {
             "HTTP API requests answered, by route, method and status",
             m.http_requests.clone(),
         );
-        Metrics { registry, ..m }
+        m
     }
 
     pub fn observe_delivery(&self, delivery: &Delivery, latency: Duration) {
