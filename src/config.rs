@@ -192,8 +192,23 @@ impl Config {
         }
     }
 
+    /// How often the holder extends its lease: every TTL/3, or more often when a whole webhook
+    /// request would not otherwise fit between two extensions (a request starts only if it can
+    /// end before the lease could expire, so an extension must come before that window closes).
     pub fn lease_extend_period(&self) -> Duration {
-        self.lock_ttl / 3
+        let window = self
+            .lock_ttl
+            .saturating_sub(self.lease_margin())
+            .saturating_sub(self.webhook_timeout);
+        (self.lock_ttl / 3)
+            .min(window / 2)
+            .max(Duration::from_millis(10))
+    }
+
+    /// Taken off the lease's lifetime as measured here: covers clock-rate drift between us and
+    /// Redis and a little scheduling slack.
+    pub fn lease_margin(&self) -> Duration {
+        (self.lock_ttl / 10).max(Duration::from_millis(20))
     }
 
     pub fn listen_addr(&self) -> String {
@@ -673,6 +688,20 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.lease_retry_period(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn extensions_leave_room_for_a_whole_request() {
+        // TTL 3s, margin 0.3s, requests up to 2s: sending is allowed for 0.7s after each
+        // extension, so the next one must come within that.
+        let c = parse(&[
+            ("DISTRIBUTED_LOCK_ENABLED", "true"),
+            ("DISTRIBUTED_LOCK_TTL", "3s"),
+            ("WEBHOOK_TIMEOUT", "2s"),
+            ("MAX_PROCESSING_TIME", "500ms"),
+        ])
+        .unwrap();
+        assert_eq!(c.lease_extend_period(), Duration::from_millis(350));
     }
 
     #[test]

@@ -25,6 +25,17 @@ impl Error {
             _ => 1,
         }
     }
+
+    /// True when PostgreSQL refused a statement for the data it carried (SQLSTATE classes 22,
+    /// data exception, and 23, integrity constraint violation): the database itself works, and
+    /// the same statement would fail again however often it is retried.
+    pub fn is_data_error(&self) -> bool {
+        let Error::Database(e) = self else {
+            return false;
+        };
+        e.as_db_error()
+            .is_some_and(|db| matches!(db.code().code().get(..2), Some("22" | "23")))
+    }
 }
 
 impl fmt::Display for Error {

@@ -1,18 +1,19 @@
 //! Leadership: which instance may send, and until when.
 //!
 //! With DISTRIBUTED_LOCK_ENABLED a Redis key holds the leader's random token (`SET NX PX`). The
-//! holder knows the latest instant its lease could have expired — measured on its own monotonic
-//! clock from *before* the Redis call, less a safety margin — and publishes it as a [`Permit`]
-//! that workers check before every request. Each acquisition also starts a new leadership epoch
+//! holder knows the latest instant its lease could have expired — measured from *before* the
+//! Redis call, on a clock that keeps counting while the machine is suspended, less a safety
+//! margin — and publishes it as a [`Permit`] that workers check before every request. Each acquisition also starts a new leadership epoch
 //! in PostgreSQL, which fences the writes of a holder that was replaced without knowing it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::{Connection, Script};
 
 use crate::backoff::Backoff;
+use crate::clock::BootInstant;
 use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -35,35 +36,88 @@ return 0";
 /// Longest pause between acquisitions while PostgreSQL cannot start an epoch.
 const EPOCH_RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// Until when this instance may start webhook requests; shared by the scheduler and workers.
+/// Until when this instance may send, shared by the scheduler and the workers, and how many
+/// of its webhook requests are running.
+///
+/// A request starts only if it can end (WEBHOOK_TIMEOUT) before the lease could expire, so no
+/// request of a holder is still running once another instance may hold the key; and the lease
+/// is given back only once none is running.
 pub struct Permit {
-    origin: Instant,
-    /// Milliseconds after `origin`; 0 = revoked, u64::MAX = unlimited.
+    /// On the [`BootInstant`] clock, in milliseconds; 0 = revoked, u64::MAX = unlimited.
     deadline_ms: AtomicU64,
+    /// The longest a request can take (WEBHOOK_TIMEOUT).
+    request_bound: Duration,
+    running: AtomicUsize,
+}
+
+/// One running webhook request; dropping it ends it.
+pub struct Request<'a> {
+    permit: &'a Permit,
+}
+
+impl Drop for Request<'_> {
+    fn drop(&mut self) {
+        self.permit.running.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Permit {
-    pub fn revoked() -> Arc<Permit> {
+    pub fn revoked(request_bound: Duration) -> Arc<Permit> {
         Arc::new(Permit {
-            origin: Instant::now(),
             deadline_ms: AtomicU64::new(0),
+            request_bound,
+            running: AtomicUsize::new(0),
         })
     }
 
-    pub fn unlimited() -> Arc<Permit> {
-        let permit = Permit::revoked();
+    pub fn unlimited(request_bound: Duration) -> Arc<Permit> {
+        let permit = Permit::revoked(request_bound);
         permit.deadline_ms.store(u64::MAX, Ordering::SeqCst);
         permit
     }
 
+    /// True while the lease cannot have expired yet.
     pub fn allows(&self) -> bool {
-        let now = self.origin.elapsed().as_millis() as u64;
-        now < self.deadline_ms.load(Ordering::SeqCst)
+        self.allows_for(Duration::ZERO)
     }
 
-    fn grant_until(&self, deadline: Instant) {
-        let ms = deadline.saturating_duration_since(self.origin).as_millis() as u64;
-        self.deadline_ms.store(ms, Ordering::SeqCst);
+    /// True while a whole request started now would end before the lease could expire.
+    pub fn allows_request(&self) -> bool {
+        self.allows_for(self.request_bound)
+    }
+
+    fn allows_for(&self, d: Duration) -> bool {
+        let deadline = self.deadline_ms.load(Ordering::SeqCst);
+        deadline == u64::MAX || (BootInstant::now() + d).as_millis() < deadline
+    }
+
+    /// Starts a request if one may start now. The count goes up before the deadline is read, and
+    /// [`Permit::revoke`] stores the deadline before reading the count (both sequentially
+    /// consistent): either the revoker sees this request, or this request sees the revocation.
+    pub fn begin_request(&self) -> Option<Request<'_>> {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        let request = Request { permit: self };
+        self.allows_request().then_some(request)
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no request is running or `until` passes; true when none is running.
+    pub fn wait_idle(&self, until: BootInstant) -> bool {
+        while self.running() > 0 {
+            if BootInstant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    fn grant_until(&self, deadline: BootInstant) {
+        self.deadline_ms
+            .store(deadline.as_millis().max(1), Ordering::SeqCst);
     }
 
     fn revoke(&self) {
@@ -150,8 +204,9 @@ pub struct Leadership {
     permit: Arc<Permit>,
     epoch: Option<i64>,
     leading: bool,
-    /// Set when we may still own the key in Redis (so shutdown should release it).
-    deadline: Option<Instant>,
+    /// The latest moment our lease could expire, while we may still own the key in Redis (so
+    /// shutdown should release it).
+    deadline: Option<BootInstant>,
     next_tick: Instant,
     extend_every: Duration,
     retry_every: Duration,
@@ -174,7 +229,7 @@ impl Leadership {
         if !config.lock_enabled {
             return Ok(Leadership {
                 lease: None,
-                permit: Permit::unlimited(),
+                permit: Permit::unlimited(config.webhook_timeout),
                 epoch: None,
                 leading: true,
                 deadline: None,
@@ -202,15 +257,14 @@ impl Leadership {
                 extend: Script::new(EXTEND),
                 release: Script::new(RELEASE),
             }),
-            permit: Permit::revoked(),
+            permit: Permit::revoked(config.webhook_timeout),
             epoch: None,
             leading: false,
             deadline: None,
             next_tick: Instant::now(),
             extend_every: config.lease_extend_period(),
             retry_every: config.lease_retry_period(),
-            // Covers clock-rate drift between us and Redis, and a little scheduling slack.
-            margin: (config.lock_ttl / 10).max(Duration::from_millis(20)),
+            margin: config.lease_margin(),
             redis_ok: true,
             epoch_backoff: Backoff::new(
                 config.lease_retry_period(),
@@ -229,8 +283,14 @@ impl Leadership {
         self.lease.is_some()
     }
 
-    /// True while this instance may claim and send.
+    /// True while this instance may claim: it holds the lease with time left for a request.
     pub fn leading(&self) -> bool {
+        self.leading && self.permit.allows_request()
+    }
+
+    /// True while this instance holds the lease (or needs none), whether or not a request
+    /// would still fit.
+    pub fn holding(&self) -> bool {
         self.leading && self.permit.allows()
     }
 
@@ -245,7 +305,10 @@ impl Leadership {
             return Instant::now() + Duration::from_secs(3600);
         }
         match self.deadline {
-            Some(deadline) if self.leading => self.next_tick.min(deadline),
+            Some(deadline) if self.leading => {
+                let left = deadline.saturating_duration_since(BootInstant::now());
+                self.next_tick.min(Instant::now() + left)
+            }
             _ => self.next_tick,
         }
     }
@@ -255,11 +318,11 @@ impl Leadership {
         if self.lease.is_none() {
             return;
         }
-        let now = Instant::now();
-        if self.leading && self.deadline.is_some_and(|d| now >= d) {
+        if self.leading && self.deadline.is_some_and(|d| BootInstant::now() >= d) {
             self.lose("the lease could have expired before it was extended");
             return;
         }
+        let now = Instant::now();
         if now < self.next_tick {
             return;
         }
@@ -282,14 +345,14 @@ impl Leadership {
     }
 
     fn extend(&mut self) {
-        let started = Instant::now();
+        let started = (Instant::now(), BootInstant::now());
         let result = self.lease().extend();
         self.redis_ok = result.is_ok();
         match result {
             Ok(true) => {
                 self.metrics.lock_extensions.inc();
-                self.set_deadline(started);
-                self.next_tick = started + self.extend_every;
+                self.set_deadline(started.1);
+                self.next_tick = started.0 + self.extend_every;
                 log::debug!(key = self.key().as_str(), epoch = self.epoch.unwrap_or(0); "Lock extended");
             }
             Ok(false) => {
@@ -304,7 +367,7 @@ impl Leadership {
     }
 
     fn acquire(&mut self, store: &mut Store) {
-        let started = Instant::now();
+        let started = (Instant::now(), BootInstant::now());
         let result = self.lease().acquire();
         let was_ok = std::mem::replace(&mut self.redis_ok, result.is_ok());
         match result {
@@ -313,17 +376,18 @@ impl Leadership {
                     self.epoch_backoff.succeed();
                     self.epoch = Some(epoch);
                     self.leading = true;
-                    self.held_since = Some(started);
+                    self.held_since = Some(started.0);
                     self.metrics.lock_acquisitions.inc();
                     self.metrics.lock_held.set(1);
                     self.metrics.epoch.set(epoch);
-                    self.set_deadline(started);
-                    self.next_tick = started + self.extend_every;
+                    self.set_deadline(started.1);
+                    self.next_tick = started.0 + self.extend_every;
                     log::info!(key = self.key().as_str(), epoch = epoch; "Lock acquired");
                 }
                 Err(e) => {
                     // Without a new epoch our writes would be fenced anyway: step back, and try
-                    // again only after a growing pause (PostgreSQL is probably down).
+                    // again only after a growing pause (PostgreSQL is probably down). Nothing
+                    // was sent under this acquisition, so the key can go at once.
                     self.metrics.lock_acquire_failures.inc();
                     let wait = self.epoch_backoff.fail();
                     self.next_tick = self.next_tick.max(Instant::now() + wait);
@@ -360,7 +424,7 @@ impl Leadership {
         store.begin_epoch()
     }
 
-    fn set_deadline(&mut self, started: Instant) {
+    fn set_deadline(&mut self, started: BootInstant) {
         let lease = self.lease.as_ref().expect("only with a lease");
         let deadline = started + lease.ttl - self.margin;
         self.deadline = Some(deadline);
@@ -405,30 +469,72 @@ impl Leadership {
             return;
         }
         log::warn!(key = self.key().as_str(), reason = reason; "Stepping down as leader");
-        self.release();
+        let deadline = self.deadline.unwrap_or_else(BootInstant::now);
+        self.release(deadline);
         // Taking it straight back would only fail again at the epoch; wait a retry period.
         self.next_tick = Instant::now() + self.retry_every;
     }
 
-    /// Gives the lease up on shutdown, if we may still hold it.
-    pub fn release(&mut self) {
-        let was_leading = self.leading;
+    /// Gives the lease up (shutdown, step-down), if we may still hold it, once none of our
+    /// requests is running: until then the key must keep standbys out. Requests end before
+    /// the lease could expire (see [`Permit`]), so this waits at most until then, or until
+    /// `give_up_at`, after which the key is left to expire by itself.
+    pub fn release(&mut self, give_up_at: BootInstant) {
         self.stop_holding();
-        let Some(lease) = self.lease.as_mut() else {
+        let Some(deadline) = self.deadline.take() else {
             return;
         };
-        if !was_leading && self.deadline.is_none() {
+        if self.lease.is_none() {
             return;
         }
-        match lease.release() {
-            Ok(true) => log::info!(key = lease.key.as_str(); "Lock released"),
+        let key = self.key();
+        if !self.permit.wait_idle(deadline.min(give_up_at)) {
+            log::warn!(
+                key = key.as_str(), running = self.permit.running();
+                "Requests still running when the lease could expire; leaving the lock to expire"
+            );
+            return;
+        }
+        match self.lease().release() {
+            Ok(true) => log::info!(key = key.as_str(); "Lock released"),
             Ok(false) => {
-                log::debug!(key = lease.key.as_str(); "Lock was no longer ours at shutdown")
+                log::debug!(key = key.as_str(); "Lock was no longer ours at release")
             }
             Err(e) => {
-                log::warn!(key = lease.key.as_str(), error = e.to_string().as_str(); "Cannot release the lock; it expires by itself")
+                log::warn!(key = key.as_str(), error = e.to_string().as_str(); "Cannot release the lock; it expires by itself")
             }
         }
-        self.deadline = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_starts_only_if_it_ends_before_the_deadline() {
+        let permit = Permit::revoked(Duration::from_secs(2));
+        assert!(permit.begin_request().is_none());
+        assert_eq!(permit.running(), 0);
+        permit.grant_until(BootInstant::now() + Duration::from_secs(1));
+        assert!(permit.allows());
+        assert!(!permit.allows_request());
+        assert!(permit.begin_request().is_none());
+        permit.grant_until(BootInstant::now() + Duration::from_secs(3));
+        let request = permit.begin_request().expect("2s fit in 3s");
+        assert_eq!(permit.running(), 1);
+        permit.revoke();
+        assert!(!permit.wait_idle(BootInstant::now() + Duration::from_millis(30)));
+        drop(request);
+        assert!(permit.wait_idle(BootInstant::now()));
+    }
+
+    #[test]
+    fn without_a_lease_requests_always_start() {
+        let permit = Permit::unlimited(Duration::from_secs(3600));
+        assert!(permit.allows_request());
+        let _a = permit.begin_request().unwrap();
+        let _b = permit.begin_request().unwrap();
+        assert_eq!(permit.running(), 2);
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod backoff;
+pub mod clock;
 pub mod config;
 pub mod connect;
 pub mod daemon;
@@ -13,6 +14,7 @@ pub mod logging;
 pub mod message;
 pub mod metrics;
 pub mod notify;
+pub mod outcomes;
 pub mod scheduler;
 pub mod shutdown;
 pub mod status;

@@ -9,7 +9,9 @@ pub struct Claimed {
     pub id: i64,
     pub recipient: String,
     pub content: String,
-    /// Webhook requests made for it before this claim.
+    /// Webhook requests made for it, counting the one this claim is for: the claim counts the
+    /// attempt, so that a request is counted even if its outcome is never recorded (a crash, a
+    /// fenced write).
     pub attempts: i32,
 }
 
@@ -34,6 +36,23 @@ pub enum Delivery {
     Failed { error: String },
     /// Never sent (lease lost, shutdown, cycle over): back to `pending` as it was.
     Unsent,
+}
+
+impl Delivery {
+    /// The same outcome without anything the receiver wrote, for when PostgreSQL refuses it.
+    pub fn without_receiver_text(&self) -> Delivery {
+        match self {
+            Delivery::Sent { .. } => Delivery::Sent { remote_id: None },
+            Delivery::Retry { delay, .. } => Delivery::Retry {
+                error: "answer not storable".into(),
+                delay: *delay,
+            },
+            Delivery::Failed { .. } => Delivery::Failed {
+                error: "answer not storable".into(),
+            },
+            Delivery::Unsent => Delivery::Unsent,
+        }
+    }
 }
 
 #[derive(Debug)]

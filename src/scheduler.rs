@@ -6,7 +6,6 @@
 //! as there is room in the pipeline and messages are due. Then it sleeps on whatever comes first:
 //! an outcome, a wake-up from LISTEN/NOTIFY, the next lease tick or cycle, or the shutdown.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,21 +13,23 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver, Sender};
 
 use crate::backoff::Backoff;
+use crate::clock::BootInstant;
 use crate::config::Config;
 use crate::lease::Leadership;
 use crate::listener::Listener;
-use crate::message::{Delivery, Job, Outcome};
+use crate::message::{Claimed, Job, Outcome};
 use crate::metrics::Metrics;
+use crate::outcomes::Outcomes;
 use crate::shutdown::Shutdown;
 use crate::status::Status;
 use crate::store::Store;
 
-/// Outcomes wait at most this long to be written together with others.
-const FLUSH_DELAY: Duration = Duration::from_millis(20);
 /// How often abandoned `sending` rows are looked for.
 const RECOVERY_PERIOD: Duration = Duration::from_secs(1);
 /// While idle in continuous mode, how often to look at the listener's heartbeat.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
+/// Time for a finished request's outcome to reach the scheduler, and for the last write.
+const OUTCOME_SLACK: Duration = Duration::from_millis(250);
 
 pub struct Scheduler {
     batch_size: u32,
@@ -36,7 +37,9 @@ pub struct Scheduler {
     max_in_flight: usize,
     interval: Duration,
     max_processing_time: Duration,
+    webhook_timeout: Duration,
     recovery_timeout: Duration,
+    max_attempts: u32,
     /// A leader whose database has been unreachable this long hands the lease over.
     step_down_after: Duration,
     store: Store,
@@ -49,30 +52,17 @@ pub struct Scheduler {
     status: Arc<Status>,
     watchdog: Option<Duration>,
 
+    /// Jobs handed to the workers whose outcome has not come back yet.
     in_flight: usize,
-    buffered: Vec<Outcome>,
-    buffered_since: Option<Instant>,
-    batches: HashMap<u64, Batch>,
-    next_batch: u64,
+    outcomes_pending: Outcomes,
     next_claim: Instant,
     next_recovery: Instant,
     last_watchdog: Instant,
     db: Backoff,
     /// While PostgreSQL is failing: no statement (claim or outcome write) before this instant.
     db_retry_at: Option<Instant>,
-    /// When the current run of database failures began.
-    db_down_since: Option<Instant>,
-}
-
-/// Bookkeeping for the `Message batch processed` line.
-struct Batch {
-    started: Instant,
-    epoch: Option<i64>,
-    remaining: usize,
-    sent: u32,
-    failed: u32,
-    retried: u32,
-    returned: u32,
+    /// Paces claims while due messages are there but locked by another transaction.
+    locked: Backoff,
 }
 
 pub struct Parts {
@@ -94,7 +84,9 @@ impl Scheduler {
             max_in_flight: 2 * config.batch_size as usize,
             interval: config.processing_interval,
             max_processing_time: config.max_processing_time,
+            webhook_timeout: config.webhook_timeout,
             recovery_timeout: config.recovery_timeout(),
+            max_attempts: config.max_attempts,
             step_down_after: config.lock_ttl,
             store: parts.store,
             leadership: parts.leadership,
@@ -102,20 +94,17 @@ impl Scheduler {
             outcomes: parts.outcomes,
             listener: parts.listener,
             shutdown: parts.shutdown,
+            outcomes_pending: Outcomes::new(parts.metrics.clone()),
             metrics: parts.metrics,
             status: parts.status,
             watchdog: crate::notify::watchdog_period(),
             in_flight: 0,
-            buffered: Vec::new(),
-            buffered_since: None,
-            batches: HashMap::new(),
-            next_batch: 1,
             next_claim: now,
             next_recovery: now,
             last_watchdog: now,
             db: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             db_retry_at: None,
-            db_down_since: None,
+            locked: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
         }
     }
 
@@ -130,6 +119,7 @@ impl Scheduler {
     fn turn(&mut self) {
         let now = Instant::now();
         self.pet_watchdog(now);
+        self.notice_database_back();
         let was_leading = self.leadership.leading();
         self.leadership.tick(&mut self.store);
         self.step_down_if_cut_off(now);
@@ -142,11 +132,11 @@ impl Scheduler {
     }
 
     fn publish_leadership(&mut self, was_leading: bool) {
-        let leading = self.leadership.leading();
-        self.status
-            .lock_held
-            .store(leading && self.leadership.enabled(), Ordering::Relaxed);
-        if leading && !was_leading {
+        self.status.lock_held.store(
+            self.leadership.holding() && self.leadership.enabled(),
+            Ordering::Relaxed,
+        );
+        if self.leadership.leading() && !was_leading {
             // A new leader starts a cycle at once instead of waiting an interval.
             self.next_claim = Instant::now();
         }
@@ -163,7 +153,10 @@ impl Scheduler {
     fn cycle(&mut self, now: Instant) {
         let epoch = self.leadership.epoch();
         if now >= self.next_recovery {
-            match self.store.recover_abandoned(self.recovery_timeout, epoch) {
+            let recovered =
+                self.store
+                    .recover_abandoned(self.recovery_timeout, epoch, self.max_attempts);
+            match recovered {
                 Ok(0) => {}
                 Ok(n) => {
                     self.metrics.recovered.inc_by(n);
@@ -177,7 +170,6 @@ impl Scheduler {
             Ok(claimed) => claimed,
             Err(e) => return self.database_failed(&e),
         };
-        self.database_ok();
         let full = claimed.len() == self.batch_size as usize;
         if claimed.is_empty() {
             self.nothing_claimed();
@@ -187,6 +179,7 @@ impl Scheduler {
         self.next_claim = if !self.continuous() {
             now + self.interval
         } else if full {
+            self.locked.succeed();
             now
         } else {
             self.idle_until(now)
@@ -197,26 +190,8 @@ impl Scheduler {
         self.interval.is_zero()
     }
 
-    fn dispatch(
-        &mut self,
-        claimed: Vec<crate::message::Claimed>,
-        epoch: Option<i64>,
-        now: Instant,
-    ) {
-        let batch = self.next_batch;
-        self.next_batch += 1;
-        self.batches.insert(
-            batch,
-            Batch {
-                started: now,
-                epoch,
-                remaining: claimed.len(),
-                sent: 0,
-                failed: 0,
-                retried: 0,
-                returned: 0,
-            },
-        );
+    fn dispatch(&mut self, claimed: Vec<Claimed>, epoch: Option<i64>, now: Instant) {
+        let batch = self.outcomes_pending.open_batch(epoch, claimed.len(), now);
         let not_after = now + self.max_processing_time;
         for message in claimed {
             self.in_flight += 1;
@@ -251,9 +226,9 @@ impl Scheduler {
         }
     }
 
-    /// In continuous mode, when to claim again after running out of due messages: at the next
-    /// retry's due time, or when NOTIFY says a message arrived — polling only while the listener
-    /// is not known to be alive.
+    /// In continuous mode, when to claim again after running out of due messages: when the next
+    /// pending message falls due or the next abandoned one may be recovered, or when NOTIFY says
+    /// a message arrived — polling only while the listener is not known to be alive.
     fn idle_until(&mut self, now: Instant) -> Instant {
         let listening = self.listener.as_ref().is_some_and(Listener::alive);
         let cap = if listening {
@@ -261,19 +236,31 @@ impl Scheduler {
         } else {
             IDLE_CHECK
         };
-        let due_in = if self.status.processing_enabled.load(Ordering::Relaxed) {
-            self.store.next_due_in().ok().flatten()
-        } else {
-            None
-        };
-        now + due_in.map_or(cap, |d| d.min(cap))
+        if !self.status.processing_enabled.load(Ordering::Relaxed) {
+            return now + cap;
+        }
+        let epoch = self.leadership.epoch();
+        match self.store.next_due_in(self.recovery_timeout, epoch) {
+            Ok(Some(due)) if due.is_zero() => {
+                // Due, yet the claim did not take it: another transaction holds it locked (an
+                // operator's open UPDATE, say). Look again after a growing pause, not at once.
+                now + self.locked.fail().min(cap)
+            }
+            Ok(due) => {
+                self.locked.succeed();
+                now + due.map_or(cap, |d| d.min(cap))
+            }
+            Err(_) => now + IDLE_CHECK,
+        }
     }
 
     /// A leader cut off from PostgreSQL (while Redis still works) would keep the lease and stop
     /// the whole cluster; after a TTL of failures it lets a standby that can reach it take over.
+    /// Any statement that works ends the outage, so the step-down never fires on stale state.
     fn step_down_if_cut_off(&mut self, now: Instant) {
         if self
-            .db_down_since
+            .store
+            .down_since()
             .is_some_and(|since| now.duration_since(since) >= self.step_down_after)
         {
             self.leadership
@@ -282,7 +269,6 @@ impl Scheduler {
     }
 
     fn database_failed(&mut self, e: &crate::error::Error) {
-        self.db_down_since.get_or_insert_with(Instant::now);
         let wait = self.db.fail();
         log::error!(error = e.to_string().as_str(), retry_in = crate::config::fmt_duration(wait).as_str(); "Database unavailable");
         let at = Instant::now() + wait;
@@ -290,102 +276,48 @@ impl Scheduler {
         self.db_retry_at = Some(at);
     }
 
-    fn database_ok(&mut self) {
-        if self.db.failing() {
+    /// Ends the backoff as soon as any statement on our connection worked (a claim, a write,
+    /// or the lease's epoch check).
+    fn notice_database_back(&mut self) {
+        if self.db.failing() && self.store.down_since().is_none() {
             log::info!("Database available again");
+            self.db.succeed();
+            self.db_retry_at = None;
+            self.next_claim = self.next_claim.min(Instant::now());
         }
-        self.db.succeed();
-        self.db_retry_at = None;
-        self.db_down_since = None;
     }
 
     fn take_outcome(&mut self, outcome: Outcome) {
         self.in_flight = self.in_flight.saturating_sub(1);
-        if self.buffered.is_empty() {
-            self.buffered_since = Some(Instant::now());
-        }
-        self.buffered.push(outcome);
+        self.outcomes_pending.push(outcome);
     }
 
     fn flush_if_due(&mut self, now: Instant) {
-        let Some(since) = self.buffered_since else {
+        let Some(by) = self.outcomes_pending.flush_by() else {
             return;
         };
         // Outcomes arriving, or lease ticks, must not retry a failed write before the backoff.
         if self.db_retry_at.is_some_and(|at| now < at) {
             return;
         }
-        let due = self.buffered.len() >= self.batch_size as usize
+        let due = self.outcomes_pending.len() >= self.batch_size as usize
             || self.in_flight == 0
-            || now >= since + FLUSH_DELAY;
+            || now >= by;
         if due {
             self.flush();
         }
     }
 
-    /// Writes buffered outcomes, one statement per epoch (normally exactly one). What cannot
-    /// be written stays buffered for the next try: dropping it would resend delivered messages.
     fn flush(&mut self) {
-        let mut by_epoch: HashMap<Option<i64>, Vec<Outcome>> = HashMap::new();
-        for o in self.buffered.drain(..) {
-            let epoch = self.batches.get(&o.batch).and_then(|b| b.epoch);
-            by_epoch.entry(epoch).or_default().push(o);
-        }
-        let mut failed = false;
-        for (epoch, outcomes) in by_epoch {
-            if failed {
-                self.buffered.extend(outcomes);
-                continue;
-            }
-            let rows = outcomes.iter().map(|o| (o.id, &o.delivery));
-            match self.store.record(epoch, rows) {
-                Ok(written) => {
-                    if written < outcomes.len() as u64 {
-                        log::warn!(
-                            written = written, given = outcomes.len(), epoch = epoch.unwrap_or(0);
-                            "Outcome write rejected for some messages: leadership moved on; they will be recovered"
-                        );
-                    }
-                    for outcome in outcomes {
-                        self.count(outcome);
-                    }
-                }
-                Err(e) => {
-                    self.database_failed(&e);
-                    failed = true;
-                    self.buffered.extend(outcomes);
+        match self.outcomes_pending.flush(&mut self.store) {
+            Ok(due_again) => {
+                self.notice_database_back();
+                // A retry or a returned message is due again at a time only we know yet.
+                if let Some(at) = due_again.filter(|_| self.continuous()) {
+                    self.next_claim = self.next_claim.min(at);
                 }
             }
-        }
-        if !failed {
-            self.database_ok();
-            self.buffered_since = None;
-        }
-    }
-
-    fn count(&mut self, outcome: Outcome) {
-        let Some(batch) = self.batches.get_mut(&outcome.batch) else {
-            return;
-        };
-        match outcome.delivery {
-            Delivery::Sent { .. } => batch.sent += 1,
-            Delivery::Failed { .. } => batch.failed += 1,
-            Delivery::Retry { .. } => batch.retried += 1,
-            Delivery::Unsent => {
-                batch.returned += 1;
-                self.metrics.returned.inc();
-            }
-        }
-        batch.remaining -= 1;
-        if batch.remaining == 0 {
-            let batch = self.batches.remove(&outcome.batch).expect("present above");
-            let took = batch.started.elapsed();
-            self.metrics.batch_duration.observe(took.as_secs_f64());
-            log::debug!(
-                duration = format!("{took:?}").as_str(),
-                sent = batch.sent, failed = batch.failed, retried = batch.retried, returned = batch.returned;
-                "Message batch processed"
-            );
+            Err(e) => self.database_failed(&e),
         }
     }
 
@@ -400,8 +332,8 @@ impl Scheduler {
         {
             until = until.min(self.next_claim.max(db_ready));
         }
-        if let Some(since) = self.buffered_since {
-            until = until.min((since + FLUSH_DELAY).max(db_ready));
+        if let Some(by) = self.outcomes_pending.flush_by() {
+            until = until.min(by.max(db_ready));
         }
         if let Some(period) = self.watchdog {
             until = until.min(self.last_watchdog + period);
@@ -453,32 +385,40 @@ impl Scheduler {
         }
     }
 
-    /// Shutdown: claim nothing more, let in-flight sends finish (bounded by
-    /// MAX_PROCESSING_TIME), record everything, release the lease.
+    /// Shutdown: claim nothing more and start no request; let the requests in flight end (each
+    /// within WEBHOOK_TIMEOUT); record everything; release the lease once no request runs. All
+    /// within MAX_PROCESSING_TIME + WEBHOOK_TIMEOUT.
     fn drain(mut self) {
-        let deadline = Instant::now() + self.max_processing_time;
+        let started = Instant::now();
+        let stop_by = started + self.max_processing_time + self.webhook_timeout;
+        // Queued jobs come back unsent at once; running requests end within their timeout.
+        let requests_end = (started + self.webhook_timeout + OUTCOME_SLACK).min(stop_by);
         while self.in_flight > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = requests_end.saturating_duration_since(Instant::now());
             match self.outcomes.recv_timeout(left) {
                 Ok(outcome) => self.take_outcome(outcome),
                 Err(_) => break,
             }
         }
-        while !self.buffered.is_empty() && Instant::now() < deadline {
+        while !self.outcomes_pending.is_empty() && Instant::now() + OUTCOME_SLACK < stop_by {
             self.flush();
-            if !self.buffered.is_empty() {
-                std::thread::sleep(Duration::from_millis(200));
+            if !self.outcomes_pending.is_empty() {
+                std::thread::sleep(
+                    Duration::from_millis(200)
+                        .min(stop_by.saturating_duration_since(Instant::now())),
+                );
             }
         }
-        if self.in_flight > 0 || !self.buffered.is_empty() {
+        if self.in_flight > 0 || !self.outcomes_pending.is_empty() {
             log::warn!(
-                in_flight = self.in_flight, unrecorded = self.buffered.len();
+                in_flight = self.in_flight, unrecorded = self.outcomes_pending.len();
                 "Stopping with messages still in flight; they return to pending after the recovery timeout"
             );
         }
         // Stop claiming the lease in /health before giving it up: once the key is gone another
         // instance may take it, and two instances must never both report it held.
         self.status.lock_held.store(false, Ordering::Relaxed);
-        self.leadership.release();
+        self.leadership
+            .release(BootInstant::now() + stop_by.saturating_duration_since(Instant::now()));
     }
 }

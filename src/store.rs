@@ -6,7 +6,8 @@
 //! they lock the state row `FOR SHARE`, so an epoch bump by a new lease holder either waits for
 //! them or makes them match nothing.
 
-use std::time::Duration;
+use std::borrow::Cow;
+use std::time::{Duration, Instant};
 
 use postgres::{Client, Statement};
 
@@ -36,7 +37,8 @@ WITH fence AS (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE messages AS m
-SET status = 'sending', claimed_epoch = $2, claimed_by = $3, claimed_at = now(), updated_at = now()
+SET status = 'sending', attempts = m.attempts + 1,
+    claimed_epoch = $2, claimed_by = $3, claimed_at = now(), updated_at = now()
 FROM due WHERE m.id = due.id
 RETURNING m.id, m.recipient, m.content, m.attempts";
 
@@ -46,7 +48,7 @@ WITH fence AS (
 )
 UPDATE messages AS m SET
     status = o.status,
-    attempts = m.attempts + o.tried,
+    attempts = m.attempts - o.unsent,
     sent_at = CASE WHEN o.status = 'sent' THEN now() ELSE m.sent_at END,
     last_error = COALESCE(o.error, m.last_error),
     remote_message_id = COALESCE(o.remote_id, m.remote_message_id),
@@ -56,7 +58,7 @@ UPDATE messages AS m SET
     claimed_epoch = NULL, claimed_by = NULL, claimed_at = NULL,
     updated_at = now()
 FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::text[], $6::bigint[])
-         AS o(id, status, tried, error, remote_id, delay_ms)
+         AS o(id, status, unsent, error, remote_id, delay_ms)
 WHERE m.id = o.id AND m.status = 'sending'
   AND m.claimed_epoch IS NOT DISTINCT FROM $7 AND m.claimed_by = $8
   AND EXISTS (SELECT 1 FROM fence)";
@@ -66,7 +68,11 @@ WITH fence AS (
     SELECT 1 FROM dispatcher_state WHERE $3::bigint IS NULL OR epoch = $3 FOR SHARE
 )
 UPDATE messages
-SET status = 'pending', claimed_epoch = NULL, claimed_by = NULL, claimed_at = NULL,
+SET status = CASE WHEN attempts >= $4 THEN 'failed' ELSE 'pending' END,
+    last_error = CASE WHEN attempts >= $4
+        THEN 'abandoned in sending state during its last allowed attempt (the receiver may have got it)'
+        ELSE last_error END,
+    claimed_epoch = NULL, claimed_by = NULL, claimed_at = NULL,
     updated_at = now()
 WHERE status = 'sending'
   AND claimed_at < now() - $1::bigint * interval '1 millisecond'
@@ -95,6 +101,9 @@ pub struct Store {
     server: Postgres,
     instance_id: String,
     conn: Option<Connection>,
+    /// Since when every statement has failed for a reason other than its data; any success
+    /// ends the outage.
+    down_since: Option<Instant>,
 }
 
 struct Connection {
@@ -112,7 +121,13 @@ impl Store {
             server,
             instance_id: instance_id.to_owned(),
             conn: None,
+            down_since: None,
         }
+    }
+
+    /// When the current database outage began, as seen by this connection's statements.
+    pub fn down_since(&self) -> Option<Instant> {
+        self.down_since
     }
 
     /// A plain client for a connection with a special purpose (LISTEN), named
@@ -124,6 +139,21 @@ impl Store {
     /// Runs `f` on the live connection, connecting first if needed; drops the connection when it
     /// turns out to be broken so the next call starts afresh.
     fn with<T>(
+        &mut self,
+        f: impl FnOnce(&mut Connection) -> Result<T, postgres::Error>,
+    ) -> Result<T, Error> {
+        let result = self.run(f);
+        match &result {
+            Ok(_) => self.down_since = None,
+            Err(e) if e.is_data_error() => {}
+            Err(_) => {
+                self.down_since.get_or_insert_with(Instant::now);
+            }
+        }
+        result
+    }
+
+    fn run<T>(
         &mut self,
         f: impl FnOnce(&mut Connection) -> Result<T, postgres::Error>,
     ) -> Result<T, Error> {
@@ -199,28 +229,29 @@ impl Store {
         let n = outcomes.len();
         let mut ids = Vec::with_capacity(n);
         let mut statuses = Vec::with_capacity(n);
-        let mut tried = Vec::with_capacity(n);
-        let mut errors: Vec<Option<&str>> = Vec::with_capacity(n);
-        let mut remote_ids: Vec<Option<&str>> = Vec::with_capacity(n);
+        let mut unsent = Vec::with_capacity(n);
+        let mut errors: Vec<Option<Cow<str>>> = Vec::with_capacity(n);
+        let mut remote_ids: Vec<Option<Cow<str>>> = Vec::with_capacity(n);
         let mut delays = Vec::with_capacity(n);
         for (id, delivery) in outcomes {
             ids.push(id);
-            let (status, attempt, error, remote, delay) = match delivery {
-                Delivery::Sent { remote_id } => ("sent", 1, None, remote_id.as_deref(), 0),
+            // The claim counted the attempt; a message that was never sent gives it back.
+            let (status, returned, error, remote, delay) = match delivery {
+                Delivery::Sent { remote_id } => ("sent", 0, None, remote_id.as_deref(), 0),
                 Delivery::Retry { error, delay } => (
                     "pending",
-                    1,
+                    0,
                     Some(error.as_str()),
                     None,
                     delay.as_millis() as i64,
                 ),
-                Delivery::Failed { error } => ("failed", 1, Some(error.as_str()), None, 0),
-                Delivery::Unsent => ("pending", 0, None, None, 0),
+                Delivery::Failed { error } => ("failed", 0, Some(error.as_str()), None, 0),
+                Delivery::Unsent => ("pending", 1, None, None, 0),
             };
             statuses.push(status);
-            tried.push(attempt);
-            errors.push(error);
-            remote_ids.push(remote);
+            unsent.push(returned);
+            errors.push(error.map(storable));
+            remote_ids.push(remote.map(storable));
             delays.push(delay);
         }
         let instance = self.instance_id.clone();
@@ -230,7 +261,7 @@ impl Store {
                 &[
                     &ids,
                     &statuses,
-                    &tried,
+                    &unsent,
                     &errors,
                     &remote_ids,
                     &delays,
@@ -242,15 +273,21 @@ impl Store {
     }
 
     /// Returns to `pending` rows left `sending` longer than `timeout` by anyone but this
-    /// instance's current epoch. Returns how many.
+    /// instance's current epoch; those whose claim was their last allowed attempt (the request
+    /// may have been made) end `failed` instead. Returns how many.
     pub fn recover_abandoned(
         &mut self,
         timeout: Duration,
         epoch: Option<i64>,
+        max_attempts: u32,
     ) -> Result<u64, Error> {
         let instance = self.instance_id.clone();
         let ms = timeout.as_millis() as i64;
-        self.with(|c| c.client.execute(&c.recover, &[&ms, &instance, &epoch]))
+        let max = max_attempts as i32;
+        self.with(|c| {
+            c.client
+                .execute(&c.recover, &[&ms, &instance, &epoch, &max])
+        })
     }
 
     /// Starts a new leadership epoch held by this instance, in one statement.
@@ -296,14 +333,26 @@ impl Store {
         })
     }
 
-    /// How long until the earliest pending message falls due (zero when one is due now).
-    pub fn next_due_in(&mut self) -> Result<Option<Duration>, Error> {
+    /// How long until the scheduler has work again: the earliest pending message falls due, or
+    /// the earliest row another holder left `sending` may be recovered (zero when now).
+    pub fn next_due_in(
+        &mut self,
+        recovery_timeout: Duration,
+        epoch: Option<i64>,
+    ) -> Result<Option<Duration>, Error> {
+        let instance = self.instance_id.clone();
+        let ms = recovery_timeout.as_millis() as i64;
         let secs: Option<f64> = self.with(|c| {
             c.client
                 .query_one(
-                    "SELECT EXTRACT(EPOCH FROM (min(next_attempt_at) - now()))::float8
-                     FROM messages WHERE status = 'pending'",
-                    &[],
+                    "SELECT EXTRACT(EPOCH FROM (LEAST(
+                         (SELECT min(next_attempt_at) FROM messages WHERE status = 'pending'),
+                         (SELECT min(claimed_at) FROM messages
+                          WHERE status = 'sending'
+                            AND NOT (claimed_by = $2 AND claimed_epoch IS NOT DISTINCT FROM $3))
+                           + $1::bigint * interval '1 millisecond'
+                     ) - now()))::float8",
+                    &[&ms, &instance, &epoch],
                 )
                 .map(|r| r.get(0))
         })?;
@@ -387,6 +436,16 @@ impl Store {
     }
 }
 
+/// Text as PostgreSQL can store it: a `text` value cannot hold U+0000, which a receiver may
+/// well put in an answer; it is shown as U+FFFD instead.
+pub fn storable(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') {
+        Cow::Owned(text.replace('\0', "\u{fffd}"))
+    } else {
+        Cow::Borrowed(text)
+    }
+}
+
 fn apply_migrations(client: &mut Client) -> Result<Vec<&'static str>, Error> {
     client.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -420,7 +479,16 @@ fn apply_migrations(client: &mut Client) -> Result<Vec<&'static str>, Error> {
 
 #[cfg(test)]
 mod tests {
-    use super::MIGRATIONS;
+    use super::{storable, MIGRATIONS};
+
+    #[test]
+    fn nul_bytes_are_not_stored() {
+        assert_eq!(storable("x\0y\0"), "x\u{fffd}y\u{fffd}");
+        assert!(matches!(
+            storable("plain"),
+            std::borrow::Cow::Borrowed("plain")
+        ));
+    }
 
     #[test]
     fn every_file_in_sql_is_a_migration_in_order() {

@@ -111,7 +111,7 @@ impl Webhook {
             Answer::Delivered { remote_id } => Delivery::Sent { remote_id },
             Answer::Permanent { error } => Delivery::Failed { error },
             Answer::Transient { error, retry_after } => {
-                let attempts_made = message.attempts.max(0) as u32 + 1;
+                let attempts_made = message.attempts.max(1) as u32;
                 if attempts_made >= self.max_attempts {
                     return Delivery::Failed {
                         error: format!("{error} (gave up after {attempts_made} attempts)"),

@@ -2,8 +2,9 @@
 //! request through the shared agent, and hand the outcome back to the scheduler.
 //!
 //! Workers never touch PostgreSQL: the scheduler records outcomes in batches. Before every
-//! request a worker checks that it may still send (lease permit, shutdown, the cycle's time
-//! bound); a job it may not send goes back as [`Delivery::Unsent`].
+//! request a worker checks that it may still send (shutdown, the cycle's time bound, and a
+//! lease that outlasts the whole request); a job it may not send goes back as
+//! [`Delivery::Unsent`].
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -51,14 +52,15 @@ struct Worker {
 impl Worker {
     fn run(self, jobs: Receiver<Job>, outcomes: Sender<Outcome>) {
         for job in jobs {
-            let delivery = if self.may_send(&job) {
-                let started = Instant::now();
-                let delivery = self.webhook.deliver(&job.message);
-                self.metrics.observe_delivery(&delivery, started.elapsed());
-                log_delivery(&job, &delivery);
-                delivery
-            } else {
-                Delivery::Unsent
+            let delivery = match self.begin_request(&job) {
+                Some(_running) => {
+                    let started = Instant::now();
+                    let delivery = self.webhook.deliver(&job.message);
+                    self.metrics.observe_delivery(&delivery, started.elapsed());
+                    log_delivery(&job, &delivery);
+                    delivery
+                }
+                None => Delivery::Unsent,
             };
             let outcome = Outcome {
                 id: job.message.id,
@@ -71,8 +73,13 @@ impl Worker {
         }
     }
 
-    fn may_send(&self, job: &Job) -> bool {
-        !self.shutdown.is_triggered() && Instant::now() < job.not_after && self.permit.allows()
+    /// A request may start unless the shutdown began, the cycle is over, or the lease could
+    /// expire before the request would end.
+    fn begin_request(&self, job: &Job) -> Option<crate::lease::Request<'_>> {
+        if self.shutdown.is_triggered() || Instant::now() >= job.not_after {
+            return None;
+        }
+        self.permit.begin_request()
     }
 }
 
@@ -85,7 +92,7 @@ fn log_delivery(job: &Job, delivery: &Delivery) {
             "Message delivery failed, will retry"
         ),
         Delivery::Failed { error } => log::warn!(
-            id = id, error = error.as_str(), attempts = job.message.attempts + 1;
+            id = id, error = error.as_str(), attempts = job.message.attempts;
             "Message delivery failed permanently"
         ),
         Delivery::Unsent => {}

@@ -405,18 +405,6 @@ fn migrations_run_once_even_when_started_together() {
     assert_eq!(applied, 1);
 }
 
-/// CPU ticks (utime + stime, in 1/100 s) a process has used.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
 #[test]
 fn an_idle_daemon_does_not_spin() {
     let db = TestDb::migrated();

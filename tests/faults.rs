@@ -1,0 +1,209 @@
+//! Odd answers and odd database states that once stalled or slowed a single instance: each test
+//! injects exactly the fault a review found and checks the outcome in the database and at the
+//! receiver.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LONG: Duration = Duration::from_secs(30);
+
+fn continuous_env(db: &TestDb, webhook: &str) -> Vec<(String, String)> {
+    let mut env = daemon_env(db, webhook);
+    set(&mut env, "PROCESSING_INTERVAL", "0");
+    env
+}
+
+/// `{"messageId":"x\u0000y"}` on a 202, or a NUL byte in a 500's body, cannot be stored as
+/// PostgreSQL text. Such an answer once made every outcome write of its batch fail forever,
+/// leaving the whole batch `sending` and no claim running again.
+#[test]
+fn answers_with_nul_bytes_are_stored_and_stall_nothing() {
+    let db = TestDb::migrated();
+    let ids = db.insert(10);
+    let (nul_id, nul_error) = (ids[2], ids[5]);
+    let receiver = Receiver::start();
+    receiver.respond_with(move |seen, before| match seen.key() {
+        id if id == nul_id => Answer::status(202).body(r#"{"messageId":"x\u0000y"}"#),
+        id if id == nul_error && before == 0 => Answer::status(500).body("bad\0byte"),
+        _ => Answer::accepted(),
+    });
+    let _daemon = Daemon::start(&daemon_env(&db, &receiver.url()));
+    wait_until(LONG, "every message sent", || db.count("sent") == 10);
+    let (status, attempts, _, remote) = db.row(nul_id);
+    assert_eq!(
+        (status.as_str(), attempts, remote.as_deref()),
+        ("sent", 1, Some("x\u{fffd}y"))
+    );
+    let (status, attempts, error, _) = db.row(nul_error);
+    assert_eq!((status.as_str(), attempts), ("sent", 2));
+    assert_eq!(error.as_deref(), Some("HTTP 500: bad\u{fffd}byte"));
+
+    // More work after it goes out as usual.
+    db.insert(5);
+    wait_until(LONG, "the next messages sent", || db.count("sent") == 15);
+}
+
+/// An outcome PostgreSQL refuses for its data (here a constraint of the operator's own that one
+/// receiver answer breaks) must not be retried forever: the rest of the batch is recorded, the
+/// bad row is recorded without the receiver's text, and the real reason is logged.
+#[test]
+fn an_outcome_refused_for_its_data_is_isolated_and_the_rest_recorded() {
+    let db = TestDb::migrated();
+    db.client()
+        .batch_execute(
+            "ALTER TABLE messages ADD CONSTRAINT no_poison
+             CHECK (remote_message_id IS DISTINCT FROM 'poison')",
+        )
+        .unwrap();
+    let ids = db.insert(10);
+    let poisoned = ids[3];
+    let receiver = Receiver::start();
+    receiver.respond_with(move |seen, _| {
+        if seen.key() == poisoned {
+            Answer::status(202).body(r#"{"messageId":"poison"}"#)
+        } else {
+            Answer::accepted()
+        }
+    });
+    let daemon = Daemon::start(&daemon_env(&db, &receiver.url()));
+    wait_until(LONG, "every message sent", || db.count("sent") == 10);
+    assert_eq!(receiver.count(), 10, "nothing was sent twice");
+    let (_, attempts, _, remote) = db.row(poisoned);
+    assert_eq!((attempts, remote), (1, None));
+    let refused = daemon
+        .log_lines("Outcome cannot be stored as received; storing it without the receiver's text");
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0]["id"], poisoned);
+    assert!(
+        refused[0]["error"].as_str().unwrap().contains("no_poison"),
+        "the real reason is logged: {}",
+        refused[0]
+    );
+    assert!(daemon.log_lines("Database unavailable").is_empty());
+}
+
+/// In continuous mode a retry must go out when it falls due (RETRY_BASE_DELAY 1s), not at the
+/// next idle poll a minute later.
+#[test]
+fn continuous_mode_sends_a_retry_when_it_falls_due() {
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    receiver.respond_with(|_, before| {
+        if before == 0 {
+            Answer::status(500)
+        } else {
+            Answer::accepted()
+        }
+    });
+    let mut env = continuous_env(&db, &receiver.url());
+    set(&mut env, "RETRY_BASE_DELAY", "1s");
+    set(&mut env, "RETRY_MAX_DELAY", "1s");
+    let _daemon = Daemon::start(&env);
+    db.insert(1);
+    wait_until(LONG, "the retry delivered", || db.count("sent") == 1);
+    let seen = receiver.seen();
+    assert_eq!(seen.len(), 2);
+    let gap = seen[1].at - seen[0].at;
+    eprintln!("retry after {gap:?}");
+    // The delay is 0.5–1 s with jitter; the idle poll would be 60 s.
+    assert!(
+        gap >= Duration::from_millis(500) && gap < Duration::from_secs(5),
+        "the retry came {gap:?} after the first request"
+    );
+}
+
+/// A row another instance left `sending` (it crashed) goes out as soon as it may be recovered
+/// (MAX_PROCESSING_TIME + WEBHOOK_TIMEOUT after its claim), not at the next idle poll.
+#[test]
+fn continuous_mode_recovers_an_abandoned_row_when_it_may() {
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    let mut env = continuous_env(&db, &receiver.url());
+    set(&mut env, "MAX_PROCESSING_TIME", "1s");
+    set(&mut env, "WEBHOOK_TIMEOUT", "1s");
+    let daemon = Daemon::start(&env);
+    // Let the daemon go idle first, with nothing due.
+    wait_until(LONG, "the listener connection", || {
+        db.client()
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name LIKE '%/listener'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    });
+    let claimed = Instant::now();
+    db.client()
+        .execute(
+            "INSERT INTO messages (recipient, content, status, attempts, claimed_by, claimed_at)
+             VALUES ('+905550000000', 'abandoned', 'sending', 1, 'crashed-instance', now())",
+            &[],
+        )
+        .unwrap();
+    wait_until(LONG, "the abandoned message delivered", || {
+        db.count("sent") == 1
+    });
+    let took = claimed.elapsed();
+    eprintln!("abandoned row delivered {took:?} after its claim (recovery timeout 2s)");
+    assert!(
+        took >= Duration::from_secs(2),
+        "not before it may: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "not at the idle poll: {took:?}"
+    );
+    assert_eq!(
+        daemon
+            .log_lines("Recovered messages abandoned in sending state")
+            .len(),
+        1
+    );
+}
+
+/// A due row locked by another transaction (an operator's open UPDATE) is skipped by the claim;
+/// continuous mode must then wait, not claim again and again at full speed.
+#[test]
+fn continuous_mode_does_not_spin_on_a_locked_due_row() {
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    let daemon = Daemon::start(&continuous_env(&db, &receiver.url()));
+    let id = db.insert(1)[0];
+    wait_until(LONG, "the first message sent", || db.count("sent") == 1);
+
+    // Processing off while the row is inserted and locked, so the daemon cannot take it first.
+    let switch = |on: bool| {
+        db.client()
+            .batch_execute(&format!(
+                "UPDATE dispatcher_state SET processing_enabled = {on};
+                 SELECT pg_notify('message_dispatcher', 'switch')"
+            ))
+            .unwrap()
+    };
+    switch(false);
+    let locked = db.insert(1)[0];
+    let mut operator = db.client();
+    let mut tx = operator.transaction().unwrap();
+    tx.execute(
+        "SELECT 1 FROM messages WHERE id = $1 FOR UPDATE",
+        &[&locked],
+    )
+    .unwrap();
+    switch(true);
+    // Give the daemon time to meet the locked row and settle into its pace.
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks(daemon.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(daemon.pid()) - before;
+    // Claiming back to back burns ~50 ticks in 2 s here; waiting, a handful.
+    assert!(used < 15, "{used} ticks in 2 s with a locked due row");
+    tx.rollback().unwrap();
+    wait_until(LONG, "the unlocked message sent", || db.count("sent") == 2);
+    assert_eq!(receiver.keys().len(), 2);
+    assert!(receiver.keys().contains_key(&id));
+}
