@@ -1166,3 +1166,208 @@ fn a_leader_cut_off_from_postgres_hands_the_lease_over() {
     );
     assert_eq!(health["lock"]["held"], false);
 }
+
+// --- regressions of the fault review (issue #10) ---------------------------------------------
+
+/// A PostgreSQL outage longer than the TTL makes the leader step down; once PostgreSQL is back
+/// it must lead and deliver again. It once alternated `Lock acquired` / `Stepping down as
+/// leader` forever: the outage was ended only by a claim, which never ran.
+#[test]
+fn a_database_outage_longer_than_the_ttl_does_not_stop_the_leader_for_good() {
+    let _serial = serial();
+    let Some(pg) = PrivatePg::start() else {
+        return;
+    };
+    let url = pg.create_migrated("postgres");
+    let receiver = Receiver::start();
+    let key = unique("md_lock");
+    let a = start_instance(1, &ha_env(&url, &redis_url(), &key), &receiver);
+    wait_one_holder(&[&a]);
+
+    pg.stop_server();
+    a.wait_log("Stepping down as leader", TTL * 4);
+    pg.start_server();
+    pg.insert("postgres", 5);
+    wait_until(LONG, "delivery after the outage", || {
+        pg.count("postgres", "sent") == 5
+    });
+    // Leading again, and staying so.
+    let step_downs = a.log_lines("Stepping down as leader").len();
+    hold_for(TTL, "one steady leader", || held_at(a.port));
+    assert_eq!(a.log_lines("Stepping down as leader").len(), step_downs);
+    assert!(
+        step_downs <= 2,
+        "{step_downs} step-downs for one outage: {:?}",
+        a.log_lines("Stepping down as leader")
+    );
+}
+
+/// SIGTERM while requests are in flight that take longer than MAX_PROCESSING_TIME: the lease
+/// must not be released (letting a standby send) until they have ended.
+#[test]
+fn sigterm_releases_the_lease_only_after_the_requests_in_flight_end() {
+    let _serial = serial();
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    let answer_time = Duration::from_millis(1500);
+    receiver.respond_with(move |_, _| Answer::accepted().delay(answer_time));
+    let key = unique("md_lock");
+    let mut env = ha_env(&db.url, &redis_url(), &key);
+    set(&mut env, "DISTRIBUTED_LOCK_TTL", "10s");
+    set(&mut env, "WEBHOOK_TIMEOUT", "3s");
+    set(&mut env, "MAX_PROCESSING_TIME", "500ms");
+    let mut a = start_instance(1, &env, &receiver);
+    wait_one_holder(&[&a]);
+    let b = start_instance(2, &env, &receiver);
+    assert_eq!(wait_one_holder(&[&a, &b]), 0);
+
+    db.insert(40);
+    wait_until(LONG, "every worker of A inside a request", || {
+        receiver.count() >= WORKERS
+    });
+    a.signal("TERM");
+    let status = a.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+    wait_until(LONG, "every message sent", || db.count("sent") == 40);
+    assert_one_sender_at_a_time(&receiver.seen(), answer_time);
+    assert_eq!(duplicates(&receiver), 0, "a graceful hand-over repeats nothing");
+}
+
+/// While the holder cannot extend (Redis paused), requests keep starting only while a whole
+/// request fits before the lease could expire: none may still run when the key expires.
+#[test]
+fn no_request_outlives_a_lease_that_could_not_be_extended() {
+    let _serial = serial();
+    let Some(redis) = PrivateRedis::start() else {
+        return;
+    };
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    let answer_time = Duration::from_millis(1900);
+    receiver.respond_with(move |_, _| Answer::accepted().delay(answer_time));
+    let key = unique("md_lock");
+    let mut env = ha_env(&db.url, &redis.url(), &key);
+    set(&mut env, "WEBHOOK_TIMEOUT", "2s");
+    set(&mut env, "MAX_PROCESSING_TIME", "500ms");
+    set(&mut env, "WORKER_COUNT", "8");
+    let a = start_instance(1, &env, &receiver);
+    wait_one_holder(&[&a]);
+    // Requests start continuously: 8 workers, each answer 1.9 s.
+    db.insert(400);
+    wait_until(LONG, "A sending", || receiver.count() >= 16);
+
+    let extended_before = a.log_lines("Lock extended").len();
+    redis.signal("STOP");
+    let _resume = ContinueOnDrop(&redis);
+    a.wait_log("Lock lost", TTL * 2);
+    // The last extension Redis acknowledged: the key expires at most a TTL after it was sent.
+    let extensions = a.log_lines("Lock extended");
+    assert!(extensions.len() >= extended_before);
+    let last_extended = log_time_ms(extensions.last().unwrap());
+    let expiry_ms = last_extended + TTL.as_millis() as i64;
+    wait_until(Duration::from_secs(5), "A's requests to end", || {
+        stopped_sending(&receiver, answer_time)
+    });
+    let (wall_now, now) = (wall_ms(), Instant::now());
+    let ends_ms: Vec<i64> = receiver
+        .seen()
+        .iter()
+        .map(|s| wall_now - (now - s.at).as_millis() as i64 + answer_time.as_millis() as i64)
+        .collect();
+    let latest_end = *ends_ms.iter().max().unwrap();
+    eprintln!(
+        "last request ended {} ms before the key could expire",
+        expiry_ms - latest_end
+    );
+    assert!(
+        latest_end <= expiry_ms,
+        "a request ran {} ms past the moment the lease could expire",
+        latest_end - expiry_ms
+    );
+}
+
+/// Resumes a SIGSTOPped server when the test ends, however it ends.
+struct ContinueOnDrop<'a>(&'a PrivateRedis);
+
+impl Drop for ContinueOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.signal("CONT");
+    }
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// True once the last request the receiver saw has been answered.
+fn stopped_sending(receiver: &Receiver, answer_time: Duration) -> bool {
+    receiver
+        .seen()
+        .iter()
+        .map(|s| s.at)
+        .max()
+        .is_some_and(|last| last.elapsed() > answer_time + Duration::from_millis(200))
+}
+
+/// A holder killed with requests in flight: those requests reached the receiver but their
+/// outcomes were never recorded. They must still count in `attempts` once the message is sent
+/// again by the next holder.
+#[test]
+fn attempts_count_requests_whose_outcome_was_lost_in_a_crash() {
+    let _serial = serial();
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    let gate = Gate::new(&path_of(1));
+    let g = gate.clone();
+    receiver.respond_with(move |seen, _| {
+        g.pass(seen);
+        Answer::accepted()
+    });
+    let _open_on_exit = gate.open_on_drop();
+    let key = unique("md_lock");
+    let env = ha_env(&db.url, &redis_url(), &key);
+    let mut a = start_instance(1, &env, &receiver);
+    wait_one_holder(&[&a]);
+    let b = start_instance(2, &env, &receiver);
+    assert_eq!(wait_one_holder(&[&a, &b]), 0);
+
+    gate.close();
+    let total = 20;
+    db.insert(total);
+    wait_until(
+        Duration::from_secs(10),
+        "every worker of A inside a request",
+        || gate.holding.load(Ordering::SeqCst) == WORKERS,
+    );
+    a.signal("KILL");
+    a.wait_exit(Duration::from_secs(5));
+    gate.open();
+    wait_until(LONG, "every message sent by B", || {
+        db.count("sent") == total as i64
+    });
+    let seen = receiver.keys();
+    let mut client = db.client();
+    for row in client
+        .query("SELECT id, attempts FROM messages", &[])
+        .unwrap()
+    {
+        let (id, attempts): (i64, i32) = (row.get(0), row.get(1));
+        let requests = seen.get(&id).copied().unwrap_or(0) as i32;
+        assert!(
+            attempts >= requests,
+            "message {id}: {attempts} attempts recorded for {requests} requests"
+        );
+    }
+    let repeated: Vec<i64> = seen
+        .iter()
+        .filter(|(_, n)| **n == 2)
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(repeated.len(), WORKERS, "the requests A held went out again");
+    for id in repeated {
+        assert_eq!(db.row(id).1, 2, "message {id}");
+    }
+}
