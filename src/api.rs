@@ -749,6 +749,20 @@ mod tests {
         );
     }
 
+    /// Issue #10, defect 10: the fuzz test once sent these eight bytes as a recipient, meaning
+    /// them to be invalid UTF-8, and failed on the 201. They are valid UTF-8 — four letters, no
+    /// control character, no surrounding space — and the recipient's format is otherwise the
+    /// receiver's business (see the OpenAPI document), so the API is right to accept them.
+    #[test]
+    fn any_non_control_recipient_is_accepted() {
+        let recipient = std::str::from_utf8(&[0xde, 0xb2, 0xc6, 0x96, 0xc6, 0xb3, 0xda, 0x93])
+            .expect("valid UTF-8");
+        assert_eq!(recipient, "\u{7b2}ƖƳړ");
+        let body = serde_json::json!({ "recipient": recipient, "content": "x" }).to_string();
+        let (r, c) = parse_new_message(body.as_bytes(), 160).unwrap();
+        assert_eq!((r.as_str(), c.as_str()), (recipient, "x"));
+    }
+
     #[test]
     fn content_length_counts_characters_not_bytes() {
         let emoji = "😀".repeat(160);

@@ -16,7 +16,10 @@ use crate::error::Error;
 use crate::message::{Claimed, Delivery};
 
 /// The migrations in `sql/`, applied in this order, each once.
-const MIGRATIONS: &[(&str, &str)] = &[("0001_messages", include_str!("../sql/0001_messages.sql"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_messages", include_str!("../sql/0001_messages.sql")),
+    ("0002_integrity", include_str!("../sql/0002_integrity.sql")),
+];
 
 /// Serialises migrations across instances starting at the same time.
 const MIGRATION_LOCK: i64 = 0x6d64_6d69_6772; // "mdmigr"
