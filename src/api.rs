@@ -565,6 +565,10 @@ impl Backend {
                 "database": word(database_ok),
                 "redis": redis.map_or("disabled", word),
             },
+            "webhook": {
+                "circuit": self.status.circuit.state().as_str(),
+                "paused": self.status.circuit.paused_until().is_some(),
+            },
         });
         Reply::json(if healthy { 200 } else { 503 }, &body)
     }

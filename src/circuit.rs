@@ -12,7 +12,7 @@
 //! scheduler asks [`Circuit::claims_allowed`] before claiming. The closed, unpaused path is two
 //! atomic loads.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 const PROBE_FIRST: Duration = Duration::from_secs(1);
 const PROBE_MAX: Duration = Duration::from_secs(30);
 /// A 429 without `Retry-After` pauses sending this long.
-const SLOW_DOWN_DEFAULT: Duration = Duration::from_secs(1);
+pub const SLOW_DOWN_DEFAULT: Duration = Duration::from_secs(1);
 
 /// What one answer says about the receiver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +69,8 @@ pub struct Circuit {
     origin: Instant,
     /// Fast path: true while not closed.
     tripped: AtomicBool,
+    /// Transient failures in a row while closed.
+    failures: AtomicU32,
     /// Milliseconds after `origin` until which nothing is sent; 0 = no pause.
     paused_until_ms: AtomicU64,
     inner: Mutex<Inner>,
@@ -77,7 +79,6 @@ pub struct Circuit {
 
 struct Inner {
     state: State,
-    failures: u32,
     next_probe: Instant,
     probe_every: Duration,
 }
@@ -90,10 +91,10 @@ impl Circuit {
             retry_max,
             origin: now,
             tripped: AtomicBool::new(false),
+            failures: AtomicU32::new(0),
             paused_until_ms: AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 state: State::Closed,
-                failures: 0,
                 next_probe: now,
                 probe_every: PROBE_FIRST,
             }),
@@ -145,9 +146,8 @@ impl Circuit {
             Health::Working => {
                 if self.tripped.load(Ordering::Acquire) {
                     self.close();
-                } else if *admission == Admission::Go {
-                    let mut inner = self.inner();
-                    inner.failures = 0;
+                } else if self.failures.load(Ordering::Relaxed) != 0 {
+                    self.failures.store(0, Ordering::Relaxed);
                 }
             }
             Health::SlowDown(asked) => {
@@ -162,7 +162,24 @@ impl Circuit {
         }
     }
 
+    /// An admitted request that was not made after all (the lease ran short): a probe goes
+    /// back so that the next request can be one.
+    pub fn cancel(&self, admission: &Admission) {
+        if *admission != Admission::Probe {
+            return;
+        }
+        let mut inner = self.inner();
+        if inner.state == State::HalfOpen {
+            inner.state = State::Open;
+            self.metrics.set_circuit(State::Open);
+        }
+    }
+
     fn trouble(&self, admission: &Admission, error: &str) {
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < self.threshold && *admission == Admission::Go {
+            return;
+        }
         let mut inner = self.inner();
         let now = Instant::now();
         match (inner.state, admission) {
@@ -177,19 +194,13 @@ impl Circuit {
                 );
             }
             (State::Closed, _) => {
-                inner.failures += 1;
-                if inner.failures >= self.threshold {
-                    inner.state = State::Open;
-                    inner.probe_every = PROBE_FIRST;
-                    inner.next_probe = now + PROBE_FIRST;
-                    self.tripped.store(true, Ordering::Release);
-                    self.metrics.set_circuit(State::Open);
-                    self.metrics.circuit_opened.inc();
-                    log::warn!(
-                        failures = inner.failures, error = error;
-                        "Webhook circuit opened"
-                    );
-                }
+                inner.state = State::Open;
+                inner.probe_every = PROBE_FIRST;
+                inner.next_probe = now + PROBE_FIRST;
+                self.tripped.store(true, Ordering::Release);
+                self.metrics.set_circuit(State::Open);
+                self.metrics.circuit_opened.inc();
+                log::warn!(failures = failures, error = error; "Webhook circuit opened");
             }
             // A request that started before the circuit opened: it changes nothing.
             _ => {}
@@ -202,7 +213,7 @@ impl Circuit {
             return;
         }
         inner.state = State::Closed;
-        inner.failures = 0;
+        self.failures.store(0, Ordering::Relaxed);
         inner.probe_every = PROBE_FIRST;
         self.tripped.store(false, Ordering::Release);
         self.metrics.set_circuit(State::Closed);
@@ -210,7 +221,9 @@ impl Circuit {
     }
 
     fn pause_for(&self, pause: Duration) {
-        let until = (Instant::now() + pause).duration_since(self.origin).as_millis() as u64;
+        let until = (Instant::now() + pause)
+            .duration_since(self.origin)
+            .as_millis() as u64;
         let before = self.paused_until_ms.fetch_max(until, Ordering::AcqRel);
         if before < until && self.paused_until().is_some() {
             self.metrics.slow_downs.inc();
@@ -240,5 +253,122 @@ impl Circuit {
     pub fn reset(&self) {
         self.paused_until_ms.store(0, Ordering::Release);
         self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn circuit(threshold: u32) -> Circuit {
+        Circuit::new(
+            threshold,
+            Duration::from_secs(600),
+            std::sync::Arc::new(Metrics::new()),
+        )
+    }
+
+    #[test]
+    fn opens_after_the_threshold_of_failures_in_a_row() {
+        let c = circuit(3);
+        for _ in 0..2 {
+            assert_eq!(c.admit(), Admission::Go);
+            c.report(&Admission::Go, Health::Trouble, "boom");
+        }
+        // A success in between starts the count again.
+        c.report(&Admission::Go, Health::Working, "");
+        for _ in 0..2 {
+            c.report(&Admission::Go, Health::Trouble, "boom");
+        }
+        assert_eq!(c.state(), State::Closed);
+        c.report(&Admission::Go, Health::Trouble, "boom");
+        assert_eq!(c.state(), State::Open);
+        assert_eq!(c.admit(), Admission::Hold);
+        assert!(c.claims_allowed(10).is_err());
+    }
+
+    #[test]
+    fn one_probe_at_a_time_and_a_success_closes() {
+        let c = circuit(1);
+        c.report(&Admission::Go, Health::Trouble, "down");
+        {
+            let mut inner = c.inner();
+            inner.next_probe = Instant::now();
+        }
+        assert_eq!(c.claims_allowed(10), Ok(1));
+        assert_eq!(c.admit(), Admission::Probe);
+        assert_eq!(c.state(), State::HalfOpen);
+        assert_eq!(c.admit(), Admission::Hold, "only one probe");
+        c.report(&Admission::Probe, Health::Working, "");
+        assert_eq!(c.state(), State::Closed);
+        assert_eq!(c.claims_allowed(10), Ok(10));
+    }
+
+    #[test]
+    fn a_failed_probe_doubles_the_wait_up_to_the_cap() {
+        let c = circuit(1);
+        c.report(&Admission::Go, Health::Trouble, "down");
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            c.inner().next_probe = Instant::now();
+            assert_eq!(c.admit(), Admission::Probe);
+            c.report(&Admission::Probe, Health::Trouble, "still down");
+            waits.push(c.inner().probe_every.as_secs());
+        }
+        assert_eq!(waits, [2, 4, 8, 16, 30, 30, 30, 30]);
+        assert_eq!(c.state(), State::Open);
+    }
+
+    #[test]
+    fn a_probe_not_made_lets_the_next_request_probe() {
+        let c = circuit(1);
+        c.report(&Admission::Go, Health::Trouble, "down");
+        c.inner().next_probe = Instant::now();
+        let probe = c.admit();
+        assert_eq!(probe, Admission::Probe);
+        c.cancel(&probe);
+        assert_eq!(c.admit(), Admission::Probe);
+    }
+
+    #[test]
+    fn slow_down_pauses_everything_until_then() {
+        let c = circuit(5);
+        c.report(
+            &Admission::Go,
+            Health::SlowDown(Some(Duration::from_secs(2))),
+            "HTTP 429",
+        );
+        assert_eq!(c.admit(), Admission::Hold);
+        let until = c.claims_allowed(10).unwrap_err();
+        let left = until - Instant::now();
+        assert!(left > Duration::from_millis(1500) && left <= Duration::from_secs(2));
+        // A shorter pause asked later does not shorten it.
+        c.report(&Admission::Go, Health::SlowDown(None), "HTTP 429");
+        assert!(c.paused_until().unwrap() >= until);
+    }
+
+    #[test]
+    fn a_pause_is_capped_by_the_longest_retry_delay() {
+        let c = Circuit::new(
+            5,
+            Duration::from_secs(3),
+            std::sync::Arc::new(Metrics::new()),
+        );
+        c.report(
+            &Admission::Go,
+            Health::SlowDown(Some(Duration::from_secs(3600))),
+            "HTTP 429",
+        );
+        assert!(c.paused_until().unwrap() <= Instant::now() + Duration::from_secs(3));
+    }
+
+    #[test]
+    fn reset_closes_and_unpauses() {
+        let c = circuit(1);
+        c.report(&Admission::Go, Health::Trouble, "down");
+        c.report(&Admission::Go, Health::SlowDown(None), "HTTP 429");
+        c.reset();
+        assert_eq!(c.state(), State::Closed);
+        assert_eq!(c.admit(), Admission::Go);
     }
 }

@@ -30,6 +30,10 @@ pub struct Config {
     pub webhook_timeout: Duration,
     /// The decoded key of a `whsec_…` secret.
     pub webhook_secret: Option<Vec<u8>>,
+    /// Consecutive transient failures that open the webhook's circuit.
+    pub webhook_circuit_threshold: u32,
+    /// Requests per second at most; None = no limit.
+    pub webhook_rate_limit: Option<f64>,
     /// Zero means continuous mode.
     pub processing_interval: Duration,
     pub max_processing_time: Duration,
@@ -55,6 +59,12 @@ pub enum LogFormat {
     Text,
 }
 
+/// With RETRY_BASE_DELAY 5s doubling up to RETRY_MAX_DELAY 10m, the 20th attempt comes at
+/// least 65 minutes after the first (jitter only shortens a delay to half): a message outlives
+/// an hour of receiver trouble even before the circuit breaker stops spending attempts.
+const DEFAULT_MAX_ATTEMPTS: u64 = 20;
+const DEFAULT_RETRY_BASE_DELAY: &str = "5s";
+
 /// The variables this program reads; anything else in the environment is not its business.
 pub const VARIABLES: &[&str] = &[
     "DATABASE_URL",
@@ -76,6 +86,8 @@ pub const VARIABLES: &[&str] = &[
     "WEBHOOK_URL",
     "WEBHOOK_TIMEOUT",
     "WEBHOOK_SECRET",
+    "WEBHOOK_CIRCUIT_THRESHOLD",
+    "WEBHOOK_RATE_LIMIT",
     "PROCESSING_INTERVAL",
     "MAX_PROCESSING_TIME",
     "BATCH_SIZE",
@@ -114,12 +126,15 @@ impl Config {
             webhook_url: env.get("WEBHOOK_URL").map(webhook_url).transpose()?,
             webhook_timeout: env.duration("WEBHOOK_TIMEOUT", "10s", false)?,
             webhook_secret: env.get("WEBHOOK_SECRET").map(webhook_secret).transpose()?,
+            webhook_circuit_threshold: env.parse_num("WEBHOOK_CIRCUIT_THRESHOLD", 5, 1, 10_000)?
+                as u32,
+            webhook_rate_limit: rate_limit(&env)?,
             processing_interval: env.duration("PROCESSING_INTERVAL", "2m", true)?,
             max_processing_time: env.duration("MAX_PROCESSING_TIME", "30s", false)?,
             batch_size: env.parse_num("BATCH_SIZE", 2, 1, 10_000)? as u32,
             worker_count: env.parse_num("WORKER_COUNT", 4, 1, 1_024)? as u32,
-            max_attempts: env.parse_num("MAX_ATTEMPTS", 5, 1, 1_000)? as u32,
-            retry_base_delay: env.duration("RETRY_BASE_DELAY", "1s", false)?,
+            max_attempts: env.parse_num("MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, 1, 1_000)? as u32,
+            retry_base_delay: env.duration("RETRY_BASE_DELAY", DEFAULT_RETRY_BASE_DELAY, false)?,
             retry_max_delay: env.duration("RETRY_MAX_DELAY", "10m", false)?,
             content_max_length: env.parse_num("CONTENT_MAX_LENGTH", 160, 1, 1_000_000)? as usize,
             lock_enabled: env.boolean("DISTRIBUTED_LOCK_ENABLED", false)?,
@@ -230,7 +245,7 @@ impl fmt::Display for Config {
             .as_ref()
             .map_or("<unset>".to_owned(), |u| redact_url(u.as_str()));
         let pg = self.postgres().ok();
-        let lines: [(&str, String); 29] = [
+        let lines: [(&str, String); 31] = [
             ("DATABASE_URL", redact_url(&self.database_url)),
             ("DB_SSL_ROOT_CERT", path_or_unset(&self.db_ssl_root_cert)),
             (
@@ -260,6 +275,15 @@ impl fmt::Display for Config {
             ("WEBHOOK_URL", webhook),
             ("WEBHOOK_TIMEOUT", fmt_duration(self.webhook_timeout)),
             ("WEBHOOK_SECRET", set(self.webhook_secret.is_some()).into()),
+            (
+                "WEBHOOK_CIRCUIT_THRESHOLD",
+                self.webhook_circuit_threshold.to_string(),
+            ),
+            (
+                "WEBHOOK_RATE_LIMIT",
+                self.webhook_rate_limit
+                    .map_or("<unset>".into(), |r| format!("{r}/s")),
+            ),
             (
                 "PROCESSING_INTERVAL",
                 fmt_duration(self.processing_interval),
@@ -392,6 +416,20 @@ impl Env<'_> {
                 "{name}: expected true or false, got {other:?}"
             ))),
         }
+    }
+}
+
+fn rate_limit(env: &Env) -> Result<Option<f64>, Error> {
+    let Some(raw) = env.get("WEBHOOK_RATE_LIMIT") else {
+        return Ok(None);
+    };
+    let per_second = raw.strip_suffix("/s").unwrap_or(raw).trim();
+    match per_second.parse::<f64>() {
+        Ok(r) if r.is_finite() && (0.01..=1_000_000.0).contains(&r) => Ok(Some(r)),
+        _ => Err(Error::Config(format!(
+            "WEBHOOK_RATE_LIMIT: expected requests per second, a number from 0.01 to 1000000 \
+             (e.g. 50 or 0.5), got {raw:?}"
+        ))),
     }
 }
 
@@ -559,8 +597,8 @@ mod tests {
         assert_eq!(c.max_processing_time, Duration::from_secs(30));
         assert_eq!(c.batch_size, 2);
         assert_eq!(c.worker_count, 4);
-        assert_eq!(c.max_attempts, 5);
-        assert_eq!(c.retry_base_delay, Duration::from_secs(1));
+        assert_eq!(c.max_attempts, 20);
+        assert_eq!(c.retry_base_delay, Duration::from_secs(5));
         assert_eq!(c.retry_max_delay, Duration::from_secs(600));
         assert_eq!(c.content_max_length, 160);
         assert!(!c.lock_enabled);
@@ -629,12 +667,26 @@ mod tests {
             ("WEBHOOK_URL", "not a url"),
             ("DATABASE_URL", "postgres://host:notaport/db"),
             ("MAX_ATTEMPTS", "0"),
+            ("WEBHOOK_CIRCUIT_THRESHOLD", "0"),
+            ("WEBHOOK_RATE_LIMIT", "0"),
+            ("WEBHOOK_RATE_LIMIT", "-5"),
+            ("WEBHOOK_RATE_LIMIT", "fast"),
+            ("WEBHOOK_RATE_LIMIT", "NaN"),
         ] {
             let msg = error_of(&[(name, value)]);
             assert!(
                 msg.starts_with(&format!("{name}: ")),
                 "{name}={value}: {msg}"
             );
+        }
+    }
+
+    #[test]
+    fn rate_limit_is_requests_per_second() {
+        assert_eq!(parse(&[]).unwrap().webhook_rate_limit, None);
+        for (raw, rate) in [("50", 50.0), ("0.5", 0.5), ("20/s", 20.0)] {
+            let c = parse(&[("WEBHOOK_RATE_LIMIT", raw)]).unwrap();
+            assert_eq!(c.webhook_rate_limit, Some(rate), "{raw}");
         }
     }
 

@@ -10,11 +10,13 @@
 use std::sync::Arc;
 
 use crate::api::Api;
+use crate::circuit::Circuit;
 use crate::config::{fmt_duration, Config};
 use crate::error::Error;
 use crate::lease::Leadership;
 use crate::listener::Listener;
 use crate::metrics::Metrics;
+use crate::rate::RateLimit;
 use crate::scheduler::{Parts, Scheduler};
 use crate::shutdown::Shutdown;
 use crate::status::{new_instance_id, Status};
@@ -33,25 +35,32 @@ pub fn serve(config: &Config) -> Result<(), Error> {
 
     let metrics = Arc::new(Metrics::new());
     let leadership = Leadership::new(config, &instance_id, metrics.clone())?;
+    let circuit = Arc::new(Circuit::new(
+        config.webhook_circuit_threshold,
+        config.retry_max_delay,
+        metrics.clone(),
+    ));
     let status = Arc::new(Status::new(
         &instance_id,
         config.lock_enabled,
         leadership.permit(),
+        circuit.clone(),
     ));
 
     let capacity = 2 * config.batch_size as usize;
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(capacity);
     let (outcomes_tx, outcomes_rx) = crossbeam_channel::bounded(capacity);
-    let webhook = Arc::new(Webhook::new(config, webhook_url));
-    worker::start(
-        config.worker_count,
-        webhook,
-        jobs_rx,
-        outcomes_tx,
-        leadership.permit(),
-        shutdown.clone(),
-        metrics.clone(),
-    )?;
+    let workers = worker::Worker {
+        webhook: Arc::new(Webhook::new(config, webhook_url)),
+        permit: leadership.permit(),
+        circuit: circuit.clone(),
+        rate_limit: config
+            .webhook_rate_limit
+            .map(|r| Arc::new(RateLimit::new(r))),
+        shutdown: shutdown.clone(),
+        metrics: metrics.clone(),
+    };
+    worker::start(config.worker_count, workers, jobs_rx, outcomes_tx)?;
     let listener = if config.continuous() {
         let listen_store = Store::new(config.postgres()?, &instance_id);
         Some(Listener::start(listen_store, shutdown.clone())?)
@@ -82,6 +91,7 @@ pub fn serve(config: &Config) -> Result<(), Error> {
             shutdown: shutdown.clone(),
             metrics,
             status,
+            circuit,
         },
     );
     let scheduler = std::thread::Builder::new()

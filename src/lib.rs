@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod backoff;
+pub mod circuit;
 pub mod clock;
 pub mod config;
 pub mod connect;
@@ -15,6 +16,7 @@ pub mod message;
 pub mod metrics;
 pub mod notify;
 pub mod outcomes;
+pub mod rate;
 pub mod scheduler;
 pub mod shutdown;
 pub mod status;

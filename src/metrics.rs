@@ -47,6 +47,9 @@ pub struct Metrics {
     pub lock_held_seconds: Counter<f64, AtomicU64>,
     pub epoch: Gauge,
     pub processing_enabled: Gauge,
+    pub circuit_state: Gauge,
+    pub circuit_opened: Counter,
+    pub slow_downs: Counter,
     pub http_requests: Family<HttpLabels, Counter>,
 }
 
@@ -72,6 +75,9 @@ impl Metrics {
             lock_held_seconds: Counter::default(),
             epoch: Gauge::default(),
             processing_enabled: Gauge::default(),
+            circuit_state: Gauge::default(),
+            circuit_opened: Counter::default(),
+            slow_downs: Counter::default(),
             http_requests: Family::default(),
         };
         let r = &mut m.registry;
@@ -157,6 +163,21 @@ impl Metrics {
             m.processing_enabled.clone(),
         );
         r.register(
+            "webhook_circuit_state",
+            "The webhook's circuit breaker: 0 closed, 1 open, 2 half-open (a probe is out)",
+            m.circuit_state.clone(),
+        );
+        r.register(
+            "webhook_circuit_opened",
+            "Times the webhook's circuit breaker opened",
+            m.circuit_opened.clone(),
+        );
+        r.register(
+            "webhook_slow_downs",
+            "Times the webhook asked to slow down (429, or 503 with Retry-After) and sending paused",
+            m.slow_downs.clone(),
+        );
+        r.register(
             "http_requests",
             "HTTP API requests answered, by route, method and status",
             m.http_requests.clone(),
@@ -172,6 +193,15 @@ impl Metrics {
             Delivery::Failed { .. } => self.failed.inc(),
             Delivery::Unsent => self.returned.inc(),
         };
+    }
+
+    pub fn set_circuit(&self, state: crate::circuit::State) {
+        use crate::circuit::State;
+        self.circuit_state.set(match state {
+            State::Closed => 0,
+            State::Open => 1,
+            State::HalfOpen => 2,
+        });
     }
 
     pub fn set_queue_depth(&self, pending: i64, sending: i64) {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver, Sender};
 
 use crate::backoff::Backoff;
+use crate::circuit::Circuit;
 use crate::clock::BootInstant;
 use crate::config::Config;
 use crate::lease::Leadership;
@@ -50,6 +51,7 @@ pub struct Scheduler {
     shutdown: Shutdown,
     metrics: Arc<Metrics>,
     status: Arc<Status>,
+    circuit: Arc<Circuit>,
     watchdog: Option<Duration>,
 
     /// Jobs handed to the workers whose outcome has not come back yet.
@@ -74,6 +76,7 @@ pub struct Parts {
     pub shutdown: Shutdown,
     pub metrics: Arc<Metrics>,
     pub status: Arc<Status>,
+    pub circuit: Arc<Circuit>,
 }
 
 impl Scheduler {
@@ -97,6 +100,7 @@ impl Scheduler {
             outcomes_pending: Outcomes::new(parts.metrics.clone()),
             metrics: parts.metrics,
             status: parts.status,
+            circuit: parts.circuit,
             watchdog: crate::notify::watchdog_period(),
             in_flight: 0,
             next_claim: now,
@@ -137,8 +141,10 @@ impl Scheduler {
             Ordering::Relaxed,
         );
         if self.leadership.leading() && !was_leading {
-            // A new leader starts a cycle at once instead of waiting an interval.
+            // A new leader starts a cycle at once instead of waiting an interval, and finds out
+            // for itself how the receiver is doing.
             self.next_claim = Instant::now();
+            self.circuit.reset();
         }
     }
 
@@ -147,6 +153,7 @@ impl Scheduler {
             && self.db_retry_at.is_none_or(|at| now >= at)
             && self.leadership.leading()
             && self.in_flight + self.batch_size as usize <= self.max_in_flight
+            && self.circuit.claims_allowed(self.batch_size).is_ok()
     }
 
     /// One cycle: recover abandoned rows, claim a batch, hand it to the workers.
@@ -166,11 +173,16 @@ impl Scheduler {
             }
             self.next_recovery = now + RECOVERY_PERIOD;
         }
-        let claimed = match self.store.claim(self.batch_size, epoch) {
+        // A full batch, or the one probe of an open circuit.
+        let limit = self
+            .circuit
+            .claims_allowed(self.batch_size)
+            .unwrap_or(self.batch_size);
+        let claimed = match self.store.claim(limit, epoch) {
             Ok(claimed) => claimed,
             Err(e) => return self.database_failed(&e),
         };
-        let full = claimed.len() == self.batch_size as usize;
+        let full = claimed.len() == limit as usize;
         if claimed.is_empty() {
             self.nothing_claimed();
         } else {
@@ -330,7 +342,14 @@ impl Scheduler {
         if self.leadership.leading()
             && self.in_flight + (self.batch_size as usize) <= self.max_in_flight
         {
-            until = until.min(self.next_claim.max(db_ready));
+            // An open circuit or a receiver's pause holds claims until the next probe or the
+            // end of the pause.
+            let webhook_ready = self
+                .circuit
+                .claims_allowed(self.batch_size)
+                .err()
+                .unwrap_or(now);
+            until = until.min(self.next_claim.max(db_ready).max(webhook_ready));
         }
         if let Some(by) = self.outcomes_pending.flush_by() {
             until = until.min(by.max(db_ready));

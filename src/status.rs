@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::circuit::Circuit;
 use crate::lease::Permit;
 
 pub struct Status {
@@ -16,12 +17,21 @@ pub struct Status {
     permit: Arc<Permit>,
     /// The last known value of the cluster-wide processing switch.
     pub processing_enabled: AtomicBool,
+    /// The webhook's circuit breaker, shown in `/health` without deciding its status: a down
+    /// receiver must not get a healthy dispatcher restarted.
+    pub circuit: Arc<Circuit>,
 }
 
 impl Status {
-    pub fn new(instance_id: &str, lock_enabled: bool, permit: Arc<Permit>) -> Status {
+    pub fn new(
+        instance_id: &str,
+        lock_enabled: bool,
+        permit: Arc<Permit>,
+        circuit: Arc<Circuit>,
+    ) -> Status {
         Status {
             permit,
+            circuit,
             instance_id: instance_id.to_owned(),
             lock_enabled,
             lock_held: AtomicBool::new(false),

@@ -17,6 +17,7 @@ use ureq::Agent;
 use url::Url;
 
 use crate::backoff;
+use crate::circuit::Health;
 use crate::config::Config;
 use crate::message::{Claimed, Delivery};
 
@@ -67,8 +68,9 @@ impl Webhook {
         }
     }
 
-    /// Makes one request for `message` and decides what it means.
-    pub fn deliver(&self, message: &Claimed) -> Delivery {
+    /// Makes one request for `message`; returns what it means for the message, and what it
+    /// says about the receiver.
+    pub fn deliver(&self, message: &Claimed) -> (Delivery, Health) {
         let body = serde_json::to_vec(&Body {
             to: &message.recipient,
             content: &message.content,
@@ -99,10 +101,10 @@ impl Webhook {
             Ok(response) => read_answer(response),
             Err(e) => Answer::Transient {
                 error: format!("request failed: {e}"),
-                retry_after: None,
             },
         };
-        self.decide(message, answer)
+        let health = answer.health();
+        (self.decide(message, answer), health)
     }
 
     /// Turns an answer into a delivery, giving up once MAX_ATTEMPTS requests were made.
@@ -110,17 +112,22 @@ impl Webhook {
         match answer {
             Answer::Delivered { remote_id } => Delivery::Sent { remote_id },
             Answer::Permanent { error } => Delivery::Failed { error },
-            Answer::Transient { error, retry_after } => {
+            // "Slow down" says nothing about the message: it goes back for when the receiver
+            // asked, and never ends `failed` for it.
+            Answer::SlowDown { error, retry_after } => Delivery::Retry {
+                error,
+                delay: retry_after
+                    .unwrap_or(crate::circuit::SLOW_DOWN_DEFAULT)
+                    .min(self.retry_max),
+            },
+            Answer::Transient { error } => {
                 let attempts_made = message.attempts.max(1) as u32;
                 if attempts_made >= self.max_attempts {
                     return Delivery::Failed {
                         error: format!("{error} (gave up after {attempts_made} attempts)"),
                     };
                 }
-                let delay = match retry_after {
-                    Some(asked) => asked.min(self.retry_max),
-                    None => backoff::delay(self.retry_base, self.retry_max, attempts_made),
-                };
+                let delay = backoff::delay(self.retry_base, self.retry_max, attempts_made);
                 Delivery::Retry { error, delay }
             }
         }
@@ -170,13 +177,28 @@ enum Answer {
     Delivered {
         remote_id: Option<String>,
     },
+    /// Connection error, timeout, 408, 5xx, a redirect: try again later.
     Transient {
+        error: String,
+    },
+    /// 429, or 503 with `Retry-After`: the receiver works but wants fewer requests.
+    SlowDown {
         error: String,
         retry_after: Option<Duration>,
     },
     Permanent {
         error: String,
     },
+}
+
+impl Answer {
+    fn health(&self) -> Health {
+        match self {
+            Answer::Delivered { .. } | Answer::Permanent { .. } => Health::Working,
+            Answer::Transient { .. } => Health::Trouble,
+            Answer::SlowDown { retry_after, .. } => Health::SlowDown(*retry_after),
+        }
+    }
 }
 
 fn read_answer(mut response: ureq::http::Response<ureq::Body>) -> Answer {
@@ -201,13 +223,16 @@ fn classify(status: u16, body: &[u8], retry_after: Option<Duration>) -> Answer {
         200..=299 => Answer::Delivered {
             remote_id: remote_message_id(body),
         },
-        408 | 429 | 500..=599 | 300..=399 => Answer::Transient {
+        429 => Answer::SlowDown {
             error: error_text(status, body),
-            retry_after: if matches!(status, 429 | 503) {
-                retry_after
-            } else {
-                None
-            },
+            retry_after,
+        },
+        503 if retry_after.is_some() => Answer::SlowDown {
+            error: error_text(status, body),
+            retry_after,
+        },
+        408 | 500..=599 | 300..=399 => Answer::Transient {
+            error: error_text(status, body),
         },
         _ => Answer::Permanent {
             error: error_text(status, body),
@@ -342,12 +367,19 @@ mod tests {
             classify(200, b"not json", None),
             Answer::Delivered { remote_id: None }
         );
-        for status in [408, 429, 500, 502, 503, 504, 301, 302, 307] {
+        for status in [408, 500, 502, 503, 504, 301, 302, 307] {
             assert!(
                 matches!(classify(status, b"", None), Answer::Transient { .. }),
                 "{status}"
             );
         }
+        assert!(matches!(
+            classify(429, b"", None),
+            Answer::SlowDown {
+                retry_after: None,
+                ..
+            }
+        ));
         for status in [400, 401, 403, 404, 405, 410, 413, 422] {
             assert!(
                 matches!(classify(status, b"", None), Answer::Permanent { .. }),
@@ -357,24 +389,29 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_only_counts_on_429_and_503() {
+    fn retry_after_on_429_and_503_means_slow_down() {
         let asked = Some(Duration::from_secs(7));
         for status in [429, 503] {
             assert_eq!(
                 classify(status, b"", asked),
-                Answer::Transient {
+                Answer::SlowDown {
                     error: format!("HTTP {status}"),
                     retry_after: asked
                 }
+            );
+            assert_eq!(
+                classify(status, b"", asked).health(),
+                Health::SlowDown(asked)
             );
         }
         assert_eq!(
             classify(500, b"", asked),
             Answer::Transient {
                 error: "HTTP 500".into(),
-                retry_after: None
             }
         );
+        assert_eq!(classify(500, b"", asked).health(), Health::Trouble);
+        assert_eq!(classify(404, b"", None).health(), Health::Working);
     }
 
     #[test]

@@ -11,29 +11,23 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::circuit::{Admission, Circuit};
 use crate::lease::Permit;
 use crate::message::{Delivery, Job, Outcome};
 use crate::metrics::Metrics;
+use crate::rate::RateLimit;
 use crate::shutdown::Shutdown;
 use crate::webhook::Webhook;
 
 /// Starts the workers; they stop once the scheduler closes the job channel.
 pub fn start(
     count: u32,
-    webhook: Arc<Webhook>,
+    parts: Worker,
     jobs: Receiver<Job>,
     outcomes: Sender<Outcome>,
-    permit: Arc<Permit>,
-    shutdown: Shutdown,
-    metrics: Arc<Metrics>,
 ) -> std::io::Result<()> {
     for n in 0..count {
-        let worker = Worker {
-            webhook: webhook.clone(),
-            permit: permit.clone(),
-            shutdown: shutdown.clone(),
-            metrics: metrics.clone(),
-        };
+        let worker = parts.clone();
         let (jobs, outcomes) = (jobs.clone(), outcomes.clone());
         std::thread::Builder::new()
             .name(format!("worker-{n}"))
@@ -42,26 +36,22 @@ pub fn start(
     Ok(())
 }
 
-struct Worker {
-    webhook: Arc<Webhook>,
-    permit: Arc<Permit>,
-    shutdown: Shutdown,
-    metrics: Arc<Metrics>,
+/// What every worker shares: the agent, the lease permit, the receiver's circuit, the rate
+/// limit.
+#[derive(Clone)]
+pub struct Worker {
+    pub webhook: Arc<Webhook>,
+    pub permit: Arc<Permit>,
+    pub circuit: Arc<Circuit>,
+    pub rate_limit: Option<Arc<RateLimit>>,
+    pub shutdown: Shutdown,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Worker {
     fn run(self, jobs: Receiver<Job>, outcomes: Sender<Outcome>) {
         for job in jobs {
-            let delivery = match self.begin_request(&job) {
-                Some(_running) => {
-                    let started = Instant::now();
-                    let delivery = self.webhook.deliver(&job.message);
-                    self.metrics.observe_delivery(&delivery, started.elapsed());
-                    log_delivery(&job, &delivery);
-                    delivery
-                }
-                None => Delivery::Unsent,
-            };
+            let delivery = self.attempt(&job);
             let outcome = Outcome {
                 id: job.message.id,
                 batch: job.batch,
@@ -73,13 +63,36 @@ impl Worker {
         }
     }
 
-    /// A request may start unless the shutdown began, the cycle is over, or the lease could
-    /// expire before the request would end.
-    fn begin_request(&self, job: &Job) -> Option<crate::lease::Request<'_>> {
+    /// Makes the request, unless it may not be made now: the shutdown began, the cycle is
+    /// over, the circuit is open or the receiver asked for a pause, no rate-limit slot comes
+    /// in time, or the lease could expire before the request would end.
+    fn attempt(&self, job: &Job) -> Delivery {
         if self.shutdown.is_triggered() || Instant::now() >= job.not_after {
-            return None;
+            return Delivery::Unsent;
         }
-        self.permit.begin_request()
+        if let Some(limit) = &self.rate_limit {
+            if !limit.wait(job.not_after) {
+                return Delivery::Unsent;
+            }
+        }
+        let admission = self.circuit.admit();
+        if admission == Admission::Hold {
+            return Delivery::Unsent;
+        }
+        let Some(_running) = self.permit.begin_request() else {
+            self.circuit.cancel(&admission);
+            return Delivery::Unsent;
+        };
+        let started = Instant::now();
+        let (delivery, health) = self.webhook.deliver(&job.message);
+        self.metrics.observe_delivery(&delivery, started.elapsed());
+        let error = match &delivery {
+            Delivery::Retry { error, .. } | Delivery::Failed { error } => error.as_str(),
+            _ => "",
+        };
+        self.circuit.report(&admission, health, error);
+        log_delivery(job, &delivery);
+        delivery
     }
 }
 

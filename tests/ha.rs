@@ -1230,7 +1230,11 @@ fn sigterm_releases_the_lease_only_after_the_requests_in_flight_end() {
     assert_eq!(status.code(), Some(0));
     wait_until(LONG, "every message sent", || db.count("sent") == 40);
     assert_one_sender_at_a_time(&receiver.seen(), answer_time);
-    assert_eq!(duplicates(&receiver), 0, "a graceful hand-over repeats nothing");
+    assert_eq!(
+        duplicates(&receiver),
+        0,
+        "a graceful hand-over repeats nothing"
+    );
 }
 
 /// While the holder cannot extend (Redis paused), requests keep starting only while a whole
@@ -1366,7 +1370,11 @@ fn attempts_count_requests_whose_outcome_was_lost_in_a_crash() {
         .filter(|(_, n)| **n == 2)
         .map(|(id, _)| *id)
         .collect();
-    assert_eq!(repeated.len(), WORKERS, "the requests A held went out again");
+    assert_eq!(
+        repeated.len(),
+        WORKERS,
+        "the requests A held went out again"
+    );
     for id in repeated {
         assert_eq!(db.row(id).1, 2, "message {id}");
     }

@@ -438,7 +438,11 @@ fn the_daemons_statements_satisfy_the_constraints() {
     let claimed = a.claim(8, Some(epoch)).unwrap();
     assert_eq!(claimed.len(), 4);
     let newer = b.begin_epoch().unwrap();
-    assert_eq!(b.recover_abandoned(Duration::ZERO, Some(newer)).unwrap(), 4);
+    assert_eq!(
+        b.recover_abandoned(Duration::ZERO, Some(newer), 50)
+            .unwrap(),
+        4
+    );
     assert_eq!((db.count("sending"), db.count("pending")), (0, 4));
 
     let unclaimed_but_held: i64 = db
