@@ -1,7 +1,7 @@
 //! What flows through the pipeline: a claimed message goes to a worker as a [`Job`], and comes
 //! back as an [`Outcome`] for the scheduler to record.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// A message claimed from the table (status now `sending`).
 #[derive(Clone, Debug)]
@@ -55,9 +55,22 @@ impl Delivery {
     }
 }
 
+/// One webhook request, as the attempt history keeps it.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    /// The message's `attempts` counting this request.
+    pub number: i32,
+    pub started_at: SystemTime,
+    pub duration: Duration,
+    /// The answer's HTTP status; None when none came.
+    pub status: Option<u16>,
+}
+
 #[derive(Debug)]
 pub struct Outcome {
     pub id: i64,
     pub batch: u64,
     pub delivery: Delivery,
+    /// The request made, if one was.
+    pub attempt: Option<Attempt>,
 }

@@ -105,7 +105,9 @@ impl Outcomes {
                 self.buffered.extend(outcomes);
                 continue;
             }
-            let rows = outcomes.iter().map(|o| (o.id, &o.delivery));
+            let rows = outcomes
+                .iter()
+                .map(|o| (o.id, &o.delivery, o.attempt.as_ref()));
             let result = match store.record(epoch, rows) {
                 Ok(written) => {
                     self.recorded(epoch, written, outcomes, &mut due);
@@ -182,7 +184,11 @@ impl Outcomes {
         epoch: Option<i64>,
         outcome: &Outcome,
     ) -> Result<(), Error> {
-        let refused = match store.record(epoch, std::iter::once((outcome.id, &outcome.delivery))) {
+        let attempt = outcome.attempt.as_ref();
+        let refused = match store.record(
+            epoch,
+            std::iter::once((outcome.id, &outcome.delivery, attempt)),
+        ) {
             Ok(_) => return Ok(()),
             Err(e) if e.is_data_error() => e,
             Err(e) => return Err(e),
@@ -192,7 +198,7 @@ impl Outcomes {
             id = outcome.id, error = refused.to_string().as_str();
             "Outcome cannot be stored as received; storing it without the receiver's text"
         );
-        match store.record(epoch, std::iter::once((outcome.id, &plain))) {
+        match store.record(epoch, std::iter::once((outcome.id, &plain, attempt))) {
             Ok(_) => Ok(()),
             Err(e) if e.is_data_error() => {
                 // Nothing we add is left to remove: leave the row to crash recovery rather than

@@ -13,12 +13,16 @@ use postgres::{Client, Statement};
 
 use crate::connect::Postgres;
 use crate::error::Error;
-use crate::message::{Claimed, Delivery};
+use crate::message::{Attempt, Claimed, Delivery};
 
 /// The migrations in `sql/`, applied in this order, each once.
 const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_messages", include_str!("../sql/0001_messages.sql")),
     ("0002_integrity", include_str!("../sql/0002_integrity.sql")),
+    (
+        "0004_attempt_history",
+        include_str!("../sql/0004_attempt_history.sql"),
+    ),
 ];
 
 /// Serialises migrations across instances starting at the same time.
@@ -48,6 +52,16 @@ RETURNING m.id, m.recipient, m.content, m.attempts";
 const RECORD: &str = "
 WITH fence AS (
     SELECT 1 FROM dispatcher_state WHERE $7::bigint IS NULL OR epoch = $7 FOR SHARE
+), history AS (
+    -- What was requested is history whoever leads now: not fenced.
+    INSERT INTO message_attempts
+        (message_id, attempt, started_at, duration_ms, status_code, error, instance_id, epoch)
+    SELECT h.id, h.attempt, h.started_at, h.duration_ms, h.status_code, h.error, $8, $7
+    FROM unnest($9::bigint[], $10::int[], $11::timestamptz[], $12::int[], $13::smallint[],
+                $14::text[])
+         AS h(id, attempt, started_at, duration_ms, status_code, error)
+    WHERE EXISTS (SELECT 1 FROM messages WHERE id = h.id)
+    ON CONFLICT DO NOTHING
 )
 UPDATE messages AS m SET
     status = o.status,
@@ -81,6 +95,40 @@ WHERE status = 'sending'
   AND claimed_at < now() - $1::bigint * interval '1 millisecond'
   AND NOT (claimed_by = $2 AND claimed_epoch IS NOT DISTINCT FROM $3)
   AND EXISTS (SELECT 1 FROM fence)";
+
+/// The attempt-history columns of one outcome write.
+struct History<'a> {
+    ids: Vec<i64>,
+    attempts: Vec<i32>,
+    started_at: Vec<std::time::SystemTime>,
+    duration_ms: Vec<i32>,
+    status_codes: Vec<Option<i16>>,
+    errors: Vec<Option<Cow<'a, str>>>,
+}
+
+impl<'a> History<'a> {
+    fn with_capacity(n: usize) -> History<'a> {
+        History {
+            ids: Vec::with_capacity(n),
+            attempts: Vec::with_capacity(n),
+            started_at: Vec::with_capacity(n),
+            duration_ms: Vec::with_capacity(n),
+            status_codes: Vec::with_capacity(n),
+            errors: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, id: i64, attempt: &Attempt, error: Option<Cow<'a, str>>) {
+        self.ids.push(id);
+        self.attempts.push(attempt.number);
+        self.started_at.push(attempt.started_at);
+        self.duration_ms
+            .push(attempt.duration.as_millis().min(i32::MAX as u128) as i32);
+        self.status_codes
+            .push(attempt.status.map(|s| s.min(i16::MAX as u16) as i16));
+        self.errors.push(error);
+    }
+}
 
 /// The cluster-wide state row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -222,12 +270,13 @@ impl Store {
         Ok(claimed)
     }
 
-    /// Records the outcomes of messages claimed under `epoch` in one statement. Returns how many
-    /// rows changed: fewer than given means the epoch was superseded (or rows were recovered).
+    /// Records the outcomes of messages claimed under `epoch`, and the attempt history of the
+    /// requests made, in one statement. Returns how many messages changed: fewer than given
+    /// means the epoch was superseded (or rows were recovered).
     pub fn record<'a>(
         &mut self,
         epoch: Option<i64>,
-        outcomes: impl ExactSizeIterator<Item = (i64, &'a Delivery)>,
+        outcomes: impl ExactSizeIterator<Item = (i64, &'a Delivery, Option<&'a Attempt>)>,
     ) -> Result<u64, Error> {
         let n = outcomes.len();
         let mut ids = Vec::with_capacity(n);
@@ -236,7 +285,8 @@ impl Store {
         let mut errors: Vec<Option<Cow<str>>> = Vec::with_capacity(n);
         let mut remote_ids: Vec<Option<Cow<str>>> = Vec::with_capacity(n);
         let mut delays = Vec::with_capacity(n);
-        for (id, delivery) in outcomes {
+        let mut history = History::with_capacity(n);
+        for (id, delivery, attempt) in outcomes {
             ids.push(id);
             // The claim counted the attempt; a message that was never sent gives it back.
             let (status, returned, error, remote, delay) = match delivery {
@@ -251,6 +301,9 @@ impl Store {
                 Delivery::Failed { error } => ("failed", 0, Some(error.as_str()), None, 0),
                 Delivery::Unsent => ("pending", 1, None, None, 0),
             };
+            if let Some(attempt) = attempt {
+                history.push(id, attempt, error.map(storable));
+            }
             statuses.push(status);
             unsent.push(returned);
             errors.push(error.map(storable));
@@ -270,6 +323,12 @@ impl Store {
                     &delays,
                     &epoch,
                     &instance,
+                    &history.ids,
+                    &history.attempts,
+                    &history.started_at,
+                    &history.duration_ms,
+                    &history.status_codes,
+                    &history.errors,
                 ],
             )
         })

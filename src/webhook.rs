@@ -28,6 +28,14 @@ const MAX_ERROR_TEXT: usize = 200;
 /// How long a resolved webhook address is reused before the host name is looked up again.
 const RESOLVE_TTL: Duration = Duration::from_secs(5);
 
+/// One request's result: what it means for the message, what it says about the receiver, and
+/// the answer's status code (None when no answer came).
+pub struct Attempted {
+    pub delivery: Delivery,
+    pub health: Health,
+    pub status: Option<u16>,
+}
+
 pub struct Webhook {
     agent: Agent,
     url: Url,
@@ -68,9 +76,8 @@ impl Webhook {
         }
     }
 
-    /// Makes one request for `message`; returns what it means for the message, and what it
-    /// says about the receiver.
-    pub fn deliver(&self, message: &Claimed) -> (Delivery, Health) {
+    /// Makes one request for `message`.
+    pub fn deliver(&self, message: &Claimed) -> Attempted {
         let body = serde_json::to_vec(&Body {
             to: &message.recipient,
             content: &message.content,
@@ -97,14 +104,23 @@ impl Webhook {
                     sign(key, &webhook_id, timestamp, &body),
                 );
         }
-        let answer = match request.send(&body[..]) {
-            Ok(response) => read_answer(response),
-            Err(e) => Answer::Transient {
-                error: format!("request failed: {e}"),
-            },
+        let (status, answer) = match request.send(&body[..]) {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                (Some(status), read_answer(response))
+            }
+            Err(e) => (
+                None,
+                Answer::Transient {
+                    error: format!("request failed: {e}"),
+                },
+            ),
         };
-        let health = answer.health();
-        (self.decide(message, answer), health)
+        Attempted {
+            health: answer.health(),
+            delivery: self.decide(message, answer),
+            status,
+        }
     }
 
     /// Turns an answer into a delivery, giving up once MAX_ATTEMPTS requests were made.

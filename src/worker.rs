@@ -7,13 +7,13 @@
 //! [`Delivery::Unsent`].
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::circuit::{Admission, Circuit};
 use crate::lease::Permit;
-use crate::message::{Delivery, Job, Outcome};
+use crate::message::{Attempt, Delivery, Job, Outcome};
 use crate::metrics::Metrics;
 use crate::rate::RateLimit;
 use crate::shutdown::Shutdown;
@@ -51,11 +51,12 @@ pub struct Worker {
 impl Worker {
     fn run(self, jobs: Receiver<Job>, outcomes: Sender<Outcome>) {
         for job in jobs {
-            let delivery = self.attempt(&job);
+            let (delivery, attempt) = self.attempt(&job);
             let outcome = Outcome {
                 id: job.message.id,
                 batch: job.batch,
                 delivery,
+                attempt,
             };
             if outcomes.send(outcome).is_err() {
                 return;
@@ -66,33 +67,41 @@ impl Worker {
     /// Makes the request, unless it may not be made now: the shutdown began, the cycle is
     /// over, the circuit is open or the receiver asked for a pause, no rate-limit slot comes
     /// in time, or the lease could expire before the request would end.
-    fn attempt(&self, job: &Job) -> Delivery {
+    fn attempt(&self, job: &Job) -> (Delivery, Option<Attempt>) {
+        const UNSENT: (Delivery, Option<Attempt>) = (Delivery::Unsent, None);
         if self.shutdown.is_triggered() || Instant::now() >= job.not_after {
-            return Delivery::Unsent;
+            return UNSENT;
         }
         if let Some(limit) = &self.rate_limit {
             if !limit.wait(job.not_after) {
-                return Delivery::Unsent;
+                return UNSENT;
             }
         }
         let admission = self.circuit.admit();
         if admission == Admission::Hold {
-            return Delivery::Unsent;
+            return UNSENT;
         }
         let Some(_running) = self.permit.begin_request() else {
             self.circuit.cancel(&admission);
-            return Delivery::Unsent;
+            return UNSENT;
         };
-        let started = Instant::now();
-        let (delivery, health) = self.webhook.deliver(&job.message);
-        self.metrics.observe_delivery(&delivery, started.elapsed());
-        let error = match &delivery {
+        let (started_at, started) = (SystemTime::now(), Instant::now());
+        let result = self.webhook.deliver(&job.message);
+        let duration = started.elapsed();
+        self.metrics.observe_delivery(&result.delivery, duration);
+        let error = match &result.delivery {
             Delivery::Retry { error, .. } | Delivery::Failed { error } => error.as_str(),
             _ => "",
         };
-        self.circuit.report(&admission, health, error);
-        log_delivery(job, &delivery);
-        delivery
+        self.circuit.report(&admission, result.health, error);
+        log_delivery(job, &result.delivery);
+        let attempt = Attempt {
+            number: job.message.attempts,
+            started_at,
+            duration,
+            status: result.status,
+        };
+        (result.delivery, Some(attempt))
     }
 }
 

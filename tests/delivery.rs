@@ -409,13 +409,7 @@ fn migrations_run_once_even_when_started_together() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let mut files: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/sql"))
-        .unwrap()
-        .filter_map(|e| e.unwrap().file_name().into_string().ok())
-        .filter_map(|n| n.strip_suffix(".sql").map(str::to_owned))
-        .collect();
-    files.sort();
-    assert_eq!(applied, files);
+    assert_eq!(applied, migration_versions());
 }
 
 #[test]

@@ -207,3 +207,64 @@ fn continuous_mode_does_not_spin_on_a_locked_due_row() {
     assert_eq!(receiver.keys().len(), 2);
     assert!(receiver.keys().contains_key(&id));
 }
+
+/// Every request becomes a row of attempt history, written with its batch's outcomes: number,
+/// start, duration, status code or error, instance — matching what the receiver saw.
+#[test]
+fn attempt_history_matches_what_the_receiver_saw() {
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    receiver.respond_with(|_, before| match before {
+        0 => Answer::status(500).body("boom"),
+        1 => Answer::status(503).delay(Duration::from_millis(120)),
+        _ => Answer::accepted(),
+    });
+    let ids = db.insert(3);
+    let daemon = Daemon::start(&daemon_env(&db, &receiver.url()));
+    wait_until(LONG, "every message sent", || db.count("sent") == 3);
+    let (_, health) = daemon.health().unwrap();
+    let instance = health["instance_id"].as_str().unwrap().to_owned();
+    for id in ids {
+        let rows = db
+            .client()
+            .query(
+                "SELECT attempt, status_code, error, duration_ms, instance_id, epoch,
+                        started_at <= now()
+                 FROM message_attempts WHERE message_id = $1 ORDER BY attempt",
+                &[&id],
+            )
+            .unwrap();
+        let history: Vec<(i32, Option<i16>, Option<String>)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        assert_eq!(
+            history,
+            [
+                (1, Some(500), Some("HTTP 500: boom".to_owned())),
+                (2, Some(503), Some("HTTP 503".to_owned())),
+                (3, Some(202), None),
+            ],
+            "message {id}"
+        );
+        assert!(
+            rows[1].get::<_, i32>(3) >= 120,
+            "the slow answer's duration"
+        );
+        for r in &rows {
+            assert_eq!(r.get::<_, String>(4), instance);
+            assert_eq!(r.get::<_, Option<i64>>(5), None, "no lease, no epoch");
+            assert!(r.get::<_, bool>(6));
+        }
+        assert_eq!(receiver.keys()[&id], 3);
+        assert_eq!(db.row(id).1, 3);
+    }
+    // Deleted with its message.
+    db.client().execute("DELETE FROM messages", &[]).unwrap();
+    let left: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM message_attempts", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}

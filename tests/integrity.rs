@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use message_dispatcher::connect::{install_crypto_provider, Postgres};
-use message_dispatcher::message::Delivery;
+use message_dispatcher::message::{Attempt, Claimed, Delivery};
 use message_dispatcher::store::Store;
 use postgres::error::SqlState;
 
@@ -374,13 +374,41 @@ fn a_database_holding_impossible_rows_migrates_and_is_repaired() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(applied, ["0001_messages", "0002_integrity"]);
+    assert_eq!(applied, migration_versions(), "every migration once");
     assert_rejected(
         &mut c,
         "the defect, after the migration",
         "UPDATE messages SET claimed_at = NULL WHERE id = 9",
         "messages_sending_is_claimed",
     );
+}
+
+/// The request each claimed message got (a history row is written for each).
+fn attempts_of(claimed: &[Claimed]) -> Vec<Attempt> {
+    claimed
+        .iter()
+        .map(|m| Attempt {
+            number: m.attempts,
+            started_at: std::time::SystemTime::now(),
+            duration: Duration::from_millis(3),
+            status: Some(202),
+        })
+        .collect()
+}
+
+/// Outcome rows as `Store::record` takes them; the last outcome (Unsent) made no request.
+fn rows<'a>(
+    claimed: &[Claimed],
+    outcomes: &'a [Delivery],
+    attempts: &'a [Attempt],
+) -> std::vec::IntoIter<(i64, &'a Delivery, Option<&'a Attempt>)> {
+    claimed
+        .iter()
+        .zip(outcomes)
+        .zip(attempts)
+        .map(|((m, d), a)| (m.id, d, (*d != Delivery::Unsent).then_some(a)))
+        .collect::<Vec<_>>()
+        .into_iter()
 }
 
 /// The daemon's own statements — claim, record (every kind of outcome) and crash recovery — with
@@ -411,8 +439,9 @@ fn the_daemons_statements_satisfy_the_constraints() {
     let claimed = a.claim(4, None).unwrap();
     assert_eq!(claimed.len(), 4);
     assert_eq!(db.count("sending"), 4);
+    let attempts = attempts_of(&claimed);
     let recorded = a
-        .record(None, claimed.iter().map(|m| m.id).zip(outcomes.iter()))
+        .record(None, rows(&claimed, &outcomes, &attempts))
         .unwrap();
     assert_eq!(recorded, 4);
     assert_eq!(
@@ -425,14 +454,18 @@ fn the_daemons_statements_satisfy_the_constraints() {
     assert!(epoch >= 1);
     let claimed = a.claim(4, Some(epoch)).unwrap();
     assert_eq!(claimed.len(), 4);
+    let attempts = attempts_of(&claimed);
     let recorded = a
-        .record(
-            Some(epoch),
-            claimed.iter().map(|m| m.id).zip(outcomes.iter()),
-        )
+        .record(Some(epoch), rows(&claimed, &outcomes, &attempts))
         .unwrap();
     assert_eq!(recorded, 4);
     assert_eq!((db.count("sent"), db.count("failed")), (2, 2));
+    let history: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM message_attempts", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(history, 6, "one row per request made; none for the unsent");
 
     // Crash recovery: A's claims are returned by B under a newer epoch.
     let claimed = a.claim(8, Some(epoch)).unwrap();

@@ -444,7 +444,7 @@ fn bare_loop(url: &str, workers: u32, secs: f64, sender: Sender) -> Result<f64> 
                 while Instant::now() < deadline && !failed.load(Ordering::Relaxed) {
                     let ok = match sender {
                         Sender::Deliver => {
-                            matches!(webhook.deliver(&message).0, Delivery::Sent { .. })
+                            matches!(webhook.deliver(&message).delivery, Delivery::Sent { .. })
                         }
                         Sender::RawUreq => agent
                             .post(&url)

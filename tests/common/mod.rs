@@ -560,6 +560,17 @@ pub fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
+/// The versions of the migrations in `sql/` (file names without `.sql`), in order.
+pub fn migration_versions() -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(project_root().join("sql"))
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().into_string().ok())
+        .filter_map(|n| n.strip_suffix(".sql").map(str::to_owned))
+        .collect();
+    files.sort();
+    files
+}
+
 pub fn project_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
