@@ -1237,8 +1237,11 @@ fn sigterm_releases_the_lease_only_after_the_requests_in_flight_end() {
     );
 }
 
-/// While the holder cannot extend (Redis paused), requests keep starting only while a whole
-/// request fits before the lease could expire: none may still run when the key expires.
+/// While the holder cannot extend (Redis paused), requests may start only while a whole request
+/// fits before the lease could expire: none may still run when the key expires. Redis is paused
+/// right after an extension; the receiver holds every request until 1.8 s later and answers
+/// each later one after 4.4 s, so workers come free — and would start requests that outlive the
+/// lease — in the gap between the permit's end and the moment the holder gives up.
 #[test]
 fn no_request_outlives_a_lease_that_could_not_be_extended() {
     let _serial = serial();
@@ -1247,38 +1250,63 @@ fn no_request_outlives_a_lease_that_could_not_be_extended() {
     };
     let db = TestDb::migrated();
     let receiver = Receiver::start();
-    let answer_time = Duration::from_millis(1900);
-    receiver.respond_with(move |_, _| Answer::accepted().delay(answer_time));
+    let ttl = Duration::from_secs(6);
+    let answer_time = Duration::from_millis(4400);
+    let release_at: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+    let release = release_at.clone();
+    receiver.respond_with(move |seen, _| {
+        // Answered after `answer_time`, or at the release if that comes first.
+        loop {
+            let due = match *release.lock().unwrap() {
+                Some(at) if seen.at < at => at.min(seen.at + answer_time),
+                _ => seen.at + answer_time,
+            };
+            let left = due.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Answer::accepted();
+            }
+            std::thread::sleep(left.min(Duration::from_millis(10)));
+        }
+    });
     let key = unique("md_lock");
     let mut env = ha_env(&db.url, &redis.url(), &key);
-    set(&mut env, "WEBHOOK_TIMEOUT", "2s");
-    set(&mut env, "MAX_PROCESSING_TIME", "500ms");
+    set(&mut env, "DISTRIBUTED_LOCK_TTL", "6s");
+    set(&mut env, "WEBHOOK_TIMEOUT", "4500ms");
+    set(&mut env, "MAX_PROCESSING_TIME", "1s");
     set(&mut env, "WORKER_COUNT", "8");
     let a = start_instance(1, &env, &receiver);
     wait_one_holder(&[&a]);
-    // Requests start continuously: 8 workers, each answer 1.9 s.
     db.insert(400);
     wait_until(LONG, "A sending", || receiver.count() >= 16);
 
-    let extended_before = a.log_lines("Lock extended").len();
+    let extended = a.log_lines("Lock extended").len();
+    wait_new_log(&a, "Lock extended", extended, ttl);
     redis.signal("STOP");
     let _resume = ContinueOnDrop(&redis);
-    a.wait_log("Lock lost", TTL * 2);
+    let released = Instant::now() + Duration::from_millis(1800);
+    *release_at.lock().unwrap() = Some(released);
+    a.wait_log("Lock lost", ttl * 2);
     // The last extension Redis acknowledged: the key expires at most a TTL after it was sent.
-    let extensions = a.log_lines("Lock extended");
-    assert!(extensions.len() >= extended_before);
-    let last_extended = log_time_ms(extensions.last().unwrap());
-    let expiry_ms = last_extended + TTL.as_millis() as i64;
-    wait_until(Duration::from_secs(5), "A's requests to end", || {
-        stopped_sending(&receiver, answer_time)
+    let last_extended = log_time_ms(a.log_lines("Lock extended").last().unwrap());
+    let expiry_ms = last_extended + ttl.as_millis() as i64;
+    wait_until(Duration::from_secs(15), "A's requests to end", || {
+        Instant::now() > released + answer_time + Duration::from_millis(500)
     });
     let (wall_now, now) = (wall_ms(), Instant::now());
-    let ends_ms: Vec<i64> = receiver
+    let wall = |at: Instant| wall_now - now.saturating_duration_since(at).as_millis() as i64;
+    let latest_end = receiver
         .seen()
         .iter()
-        .map(|s| wall_now - (now - s.at).as_millis() as i64 + answer_time.as_millis() as i64)
-        .collect();
-    let latest_end = *ends_ms.iter().max().unwrap();
+        .map(|s| {
+            let end = s.at + answer_time;
+            wall(if s.at < released {
+                end.min(released)
+            } else {
+                end
+            })
+        })
+        .max()
+        .unwrap();
     eprintln!(
         "last request ended {} ms before the key could expire",
         expiry_ms - latest_end
@@ -1304,16 +1332,6 @@ fn wall_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
-}
-
-/// True once the last request the receiver saw has been answered.
-fn stopped_sending(receiver: &Receiver, answer_time: Duration) -> bool {
-    receiver
-        .seen()
-        .iter()
-        .map(|s| s.at)
-        .max()
-        .is_some_and(|last| last.elapsed() > answer_time + Duration::from_millis(200))
 }
 
 /// A holder killed with requests in flight: those requests reached the receiver but their
