@@ -13,6 +13,7 @@ pub mod logging;
 pub mod message;
 pub mod metrics;
 pub mod notify;
+pub mod pg;
 pub mod scheduler;
 pub mod shutdown;
 pub mod status;
