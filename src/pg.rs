@@ -24,9 +24,16 @@ use tokio::runtime::Runtime;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Error, Notification, Row, Statement, ToStatement};
 
-/// How long a polite close (Terminate) may take when a client is dropped: milliseconds on a
-/// live connection; on a silent path it never completes, and the socket is simply closed.
+/// How long a polite close may take when a client is dropped: milliseconds on a live
+/// connection. On a silent path it never completes (tokio-postgres sends Terminate only after
+/// every answer it still expects), so the socket is then simply closed.
 const CLOSE_WAIT: Duration = Duration::from_millis(100);
+
+/// The error of a call that outlived its deadline ("timeout waiting for server"): the
+/// constructor tokio-postgres exposes for the `postgres` crate's own timeouts.
+fn timed_out() -> Error {
+    Error::__private_api_timeout()
+}
 
 type Poller = Box<dyn FnMut(&mut Context<'_>) -> Poll<Option<Result<AsyncMessage, Error>>> + Send>;
 
@@ -78,7 +85,7 @@ impl Driver {
                 }
                 if *ended {
                     // Nothing will answer any more (only after our own close, in practice).
-                    return Poll::Ready(Some(Err(Error::__private_api_timeout())));
+                    return Poll::Ready(Some(Err(timed_out())));
                 }
                 let expired = sleep.as_mut().is_some_and(|s| s.as_mut().poll(cx).is_ready());
                 if expired {
@@ -155,14 +162,14 @@ impl Client {
             abandoned,
         } = self;
         if *abandoned {
-            return Err(Error::__private_api_timeout());
+            return Err(timed_out());
         }
         let mut future = pin!(make(client.as_ref().expect("present until dropped")));
         match driver.run(*deadline, |cx, _| future.as_mut().poll(cx)) {
             Some(result) => result,
             None => {
                 *abandoned = true;
-                Err(Error::__private_api_timeout())
+                Err(timed_out())
             }
         }
     }
@@ -219,7 +226,7 @@ impl Client {
     /// The next notification (LISTEN), waiting up to `timeout` for one; `None` when none came.
     pub fn next_notification(&mut self, timeout: Duration) -> Result<Option<Notification>, Error> {
         if self.abandoned {
-            return Err(Error::__private_api_timeout());
+            return Err(timed_out());
         }
         if let Some(n) = self.driver.notifications.pop_front() {
             return Ok(Some(n));
