@@ -33,7 +33,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender};
 use serde_json::{json, Value};
@@ -184,14 +184,15 @@ impl Api {
         })
     }
 
-    /// Stops taking requests and ends the database threads. Connection threads still writing
-    /// an answer finish on their own.
-    pub fn stop(self) {
+    /// Stops taking requests and ends the database threads, waiting for them until `by` at
+    /// most: one inside a statement on a silent path ends only at the connection's deadline.
+    /// Connection threads still writing an answer finish on their own.
+    pub fn stop(self, by: Instant) {
         self.server.unblock();
         let _ = self.accept.join();
         drop(self.stop);
-        for handle in self.db_threads {
-            let _ = handle.join();
+        while !self.db_threads.iter().all(JoinHandle::is_finished) && Instant::now() < by {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }

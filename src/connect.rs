@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use postgres::config::SslMode;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -20,10 +19,46 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
+use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 use url::Url;
 
 use crate::error::Error;
+use crate::pg;
+
+// --- Bounded I/O to PostgreSQL -------------------------------------------------------------
+//
+// A path to PostgreSQL can fail in two silent ways, and a blocking client waits forever on
+// either unless told otherwise:
+// - the peer's kernel is gone (a dropped route, a crashed host, a firewall that forgot the
+//   flow): our bytes stay unacknowledged, or, on an idle connection, nothing happens at all.
+//   TCP_USER_TIMEOUT closes the socket once sent data has been unacknowledged for 12 s, and
+//   keepalive probes an idle connection after 5 s, every 2 s, 3 times (about 11 s; with
+//   TCP_USER_TIMEOUT set, Linux closes it once probes went unanswered for 12 s).
+// - something on the path acknowledges our bytes but never answers (a hung proxy or
+//   pooler, a half-dead NAT): no TCP timer fires. Only a deadline in the client helps:
+//   PostgreSQL gives up on any statement of ours after STATEMENT_TIMEOUT and reports it, so a
+//   live server always answers within that; we wait QUERY_DEADLINE, the statement timeout plus
+//   room for that answer, and then drop the connection.
+// A slow but alive server is not cut off: its kernel acknowledges data and keepalive probes
+// while a statement runs, and it answers (if only with its own timeout) before our deadline.
+// So every statement, heartbeat and connection attempt ends within 12 s (connecting: 5 s),
+// and a leader on a silent path logs `Database unavailable` within about 12 s of its first
+// unanswered statement. Values given in DATABASE_URL (connect_timeout, keepalives,
+// keepalives_idle, keepalives_interval, keepalives_retries, tcp_user_timeout) win.
+
+/// PostgreSQL cancels a statement of ours after this. None of the daemon's statements takes
+/// more than milliseconds; migrations (which may rewrite big tables) have no limit.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(8);
+/// How long we wait for any answer from PostgreSQL before dropping the connection: the
+/// statement timeout plus room for the server's own error to arrive.
+pub const QUERY_DEADLINE: Duration = Duration::from_secs(12);
+/// The default `connect_timeout`: the whole connection setup (TCP, TLS, authentication).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(12);
+const KEEPALIVES_IDLE: Duration = Duration::from_secs(5);
+const KEEPALIVES_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVES_RETRIES: u32 = 3;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TlsMode {
@@ -62,7 +97,7 @@ impl fmt::Display for TlsMode {
 /// A PostgreSQL server to connect to, with its TLS settings resolved.
 #[derive(Clone)]
 pub struct Postgres {
-    config: postgres::Config,
+    config: tokio_postgres::Config,
     tls: TlsMode,
     connector: MakeRustlsConnect,
 }
@@ -78,7 +113,7 @@ impl Postgres {
         if tls == TlsMode::Require && root_cert.is_some() {
             tls = TlsMode::VerifyCa;
         }
-        let mut config: postgres::Config = rest.parse().map_err(|e| {
+        let mut config: tokio_postgres::Config = rest.parse().map_err(|e| {
             Error::Config(format!(
                 "DATABASE_URL: not a PostgreSQL connection string ({e})"
             ))
@@ -88,11 +123,7 @@ impl Postgres {
             TlsMode::Prefer => SslMode::Prefer,
             _ => SslMode::Require,
         });
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(5));
-        }
-        config.keepalives(true);
-        config.keepalives_idle(Duration::from_secs(30));
+        bound_io(&mut config, &given_params(&rest));
         let roots = match &root_cert {
             Some(path) => load_roots(path)
                 .map_err(|e| Error::Config(format!("DB_SSL_ROOT_CERT: {}: {e}", path.display())))?,
@@ -116,8 +147,24 @@ impl Postgres {
         }
     }
 
-    /// Connects, naming the server in the error (and never the password).
-    pub fn connect(&self, purpose: Option<&str>) -> Result<postgres::Client, Error> {
+    /// Connects, naming the server in the error (and never the password). Every statement
+    /// is bounded: by STATEMENT_TIMEOUT on the server and QUERY_DEADLINE here.
+    pub fn connect(&self, purpose: Option<&str>) -> Result<pg::Client, Error> {
+        let mut client = self.open(purpose, Some(QUERY_DEADLINE))?;
+        client.batch_execute(&format!(
+            "SET statement_timeout = {}",
+            STATEMENT_TIMEOUT.as_millis()
+        ))?;
+        Ok(client)
+    }
+
+    /// Connects for statements that may legitimately run long (migrations): no statement
+    /// timeout and no deadline; TCP keepalive still ends the wait on a dead peer.
+    pub fn connect_unbounded(&self, purpose: Option<&str>) -> Result<pg::Client, Error> {
+        self.open(purpose, None)
+    }
+
+    fn open(&self, purpose: Option<&str>, deadline: Option<Duration>) -> Result<pg::Client, Error> {
         let mut config = self.config.clone();
         if let Some(purpose) = purpose {
             let name = config
@@ -126,24 +173,63 @@ impl Postgres {
             let name = format!("{name}/{purpose}");
             config.application_name(&name);
         }
-        config.connect(self.connector.clone()).map_err(|e| {
+        // connect_timeout bounds each TCP connect in tokio-postgres; like libpq, we bound the
+        // whole setup with it, per host tried (none: `connect_timeout=0` in DATABASE_URL).
+        let hosts = config.get_hosts().len().max(1) as u32;
+        let limit = config.get_connect_timeout().map(|t| *t * hosts);
+        pg::Client::connect(&config, self.connector.clone(), limit, deadline).map_err(|e| {
             Error::Other(format!(
-                "cannot connect to PostgreSQL at {} (sslmode={}): {}",
+                "cannot connect to PostgreSQL at {} (sslmode={}): {e}",
                 self.address(),
                 self.tls,
-                Error::Database(e)
             ))
         })
     }
 
     fn address(&self) -> String {
         let host = match self.config.get_hosts().first() {
-            Some(postgres::config::Host::Tcp(h)) => h.clone(),
-            Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
             None => "localhost".into(),
         };
         let port = self.config.get_ports().first().copied().unwrap_or(5432);
         format!("{host}:{port}")
+    }
+}
+
+/// Sets our timeouts (see the top of this file) where the connection string gave none.
+fn bound_io(config: &mut tokio_postgres::Config, given: &[String]) {
+    let unset = |key: &str| !given.iter().any(|k| k == key);
+    if unset("connect_timeout") {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if unset("tcp_user_timeout") {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+    if unset("keepalives") {
+        config.keepalives(true);
+    }
+    if unset("keepalives_idle") {
+        config.keepalives_idle(KEEPALIVES_IDLE);
+    }
+    if unset("keepalives_interval") {
+        config.keepalives_interval(KEEPALIVES_INTERVAL);
+    }
+    if unset("keepalives_retries") {
+        config.keepalives_retries(KEEPALIVES_RETRIES);
+    }
+}
+
+/// The parameter names a connection string sets (URL query or `key=value` form).
+fn given_params(raw: &str) -> Vec<String> {
+    if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
+        Url::parse(raw)
+            .map(|url| url.query_pairs().map(|(k, _)| k.into_owned()).collect())
+            .unwrap_or_default()
+    } else {
+        raw.split_whitespace()
+            .filter_map(|part| part.split_once('=').map(|(k, _)| k.trim().to_owned()))
+            .collect()
     }
 }
 
@@ -457,6 +543,41 @@ mod tests {
             panic!("a missing root certificate is a configuration error");
         };
         assert!(msg.starts_with("DB_SSL_ROOT_CERT: "), "{msg}");
+    }
+
+    #[test]
+    fn io_is_bounded_unless_the_url_says_otherwise() {
+        let pg = |url: &str| Postgres::new(url, None).unwrap().config;
+        let ours = pg("postgres://db/x");
+        assert_eq!(ours.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert_eq!(ours.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+        assert!(ours.get_keepalives());
+        assert_eq!(ours.get_keepalives_idle(), KEEPALIVES_IDLE);
+        assert_eq!(ours.get_keepalives_interval(), Some(KEEPALIVES_INTERVAL));
+        assert_eq!(ours.get_keepalives_retries(), Some(KEEPALIVES_RETRIES));
+        // A live server answers every statement (if only with its own timeout) before we
+        // give up on it; a dead idle connection is found within about the same time.
+        assert!(QUERY_DEADLINE > STATEMENT_TIMEOUT + Duration::from_secs(2));
+        assert!(KEEPALIVES_IDLE + KEEPALIVES_INTERVAL * KEEPALIVES_RETRIES <= QUERY_DEADLINE);
+
+        let theirs = pg("postgres://db/x?connect_timeout=20&tcp_user_timeout=0&keepalives_idle=7200&keepalives_interval=75&keepalives_retries=9");
+        assert_eq!(theirs.get_connect_timeout(), Some(&Duration::from_secs(20)));
+        assert_eq!(theirs.get_tcp_user_timeout(), None, "0 turns it off");
+        assert_eq!(theirs.get_keepalives_idle(), Duration::from_secs(7200));
+        assert_eq!(
+            theirs.get_keepalives_interval(),
+            Some(Duration::from_secs(75))
+        );
+        assert_eq!(theirs.get_keepalives_retries(), Some(9));
+        assert_eq!(
+            pg("postgres://db/x?connect_timeout=0").get_connect_timeout(),
+            None,
+            "0 waits indefinitely, as in libpq"
+        );
+        assert!(!pg("host=db dbname=x keepalives=0").get_keepalives());
+        let kv = pg("host=db dbname=x keepalives_idle=60 sslmode=disable");
+        assert_eq!(kv.get_keepalives_idle(), Duration::from_secs(60));
+        assert_eq!(kv.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
     }
 
     #[test]

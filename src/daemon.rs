@@ -8,6 +8,7 @@
 //! ```
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::api::Api;
 use crate::circuit::Circuit;
@@ -23,6 +24,10 @@ use crate::status::{new_instance_id, Status};
 use crate::store::Store;
 use crate::webhook::Webhook;
 use crate::{notify, store, worker};
+
+/// Kept from the stop bound (at most a tenth of it) for what follows giving up on the
+/// scheduler: stopping the API, the last log line, the exit.
+const EXIT_MARGIN: Duration = Duration::from_millis(250);
 
 pub fn serve(config: &Config) -> Result<(), Error> {
     let webhook_url = config.require_webhook()?;
@@ -94,15 +99,37 @@ pub fn serve(config: &Config) -> Result<(), Error> {
             circuit,
         },
     );
-    let scheduler = std::thread::Builder::new()
+    let (finished, scheduler_done) = crossbeam_channel::bounded::<()>(1);
+    std::thread::Builder::new()
         .name("scheduler".into())
-        .spawn(move || scheduler.run())?;
+        .spawn(move || {
+            scheduler.run();
+            let _ = finished.send(());
+        })?;
 
     // The scheduler returns once the shutdown has started and it has drained (bounded by
     // MAX_PROCESSING_TIME). A worker still inside a request by then is not waited for: its
     // message stays `sending` and comes back through crash recovery.
-    let _ = scheduler.join();
-    api.stop();
+    crossbeam_channel::select! {
+        recv(scheduler_done) -> _ => {}
+        recv(shutdown.signalled()) -> _ => {}
+    }
+    // The whole stop takes at most MAX_PROCESSING_TIME + WEBHOOK_TIMEOUT from the signal. Only
+    // a scheduler stuck in a statement on a silent path to PostgreSQL can overrun that (each
+    // statement ends within QUERY_DEADLINE, which may be longer): then stop waiting for it.
+    let bound = config.max_processing_time + config.webhook_timeout;
+    let margin = EXIT_MARGIN.min(bound / 10);
+    let stop_by = Instant::now() + bound - margin / 2;
+    if scheduler_done
+        .recv_timeout(bound - margin)
+        .is_err_and(|e| e.is_timeout())
+    {
+        log::warn!(
+            bound = fmt_duration(bound).as_str();
+            "Stopping without the scheduler, still waiting on PostgreSQL: messages it claimed and has not recorded stay sending until crash recovery returns them, and its lease expires after the TTL"
+        );
+    }
+    api.stop(stop_by);
     log::info!("Message dispatcher stopped");
     Ok(())
 }

@@ -16,6 +16,7 @@ pub mod message;
 pub mod metrics;
 pub mod notify;
 pub mod outcomes;
+pub mod pg;
 pub mod rate;
 pub mod scheduler;
 pub mod shutdown;

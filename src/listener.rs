@@ -11,10 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use postgres::fallible_iterator::FallibleIterator;
-use postgres::Client;
 
 use crate::backoff::Backoff;
+use crate::pg::Client;
 use crate::shutdown::Shutdown;
 use crate::store::{Store, NOTIFY_CHANNEL};
 
@@ -95,29 +94,27 @@ fn listen(
             if shutdown.is_triggered() {
                 return;
             }
-            let failed = {
-                let mut notifications = client.notifications();
-                let mut iter = notifications.timeout_iter(HEARTBEAT);
-                loop {
-                    match iter.next() {
-                        // Ring at once: waiting for a quiet second first would delay every
-                        // message by a second, and forever under a steady stream of inserts.
-                        // A notification is proof of life too.
-                        Ok(Some(_)) => {
-                            mark();
-                            ring(&bell);
-                        }
-                        Ok(None) => break None,
-                        Err(e) => break Some(e),
+            let failed = loop {
+                match client.next_notification(HEARTBEAT) {
+                    // Ring at once: waiting for a quiet second first would delay every
+                    // message by a second, and forever under a steady stream of inserts.
+                    // A notification is proof of life too.
+                    Ok(Some(_)) => {
+                        mark();
+                        ring(&bell);
                     }
+                    Ok(None) => break None,
+                    Err(e) => break Some(e),
                 }
             };
             if let Some(e) = failed {
-                break e.to_string();
+                break crate::error::Error::from(e).to_string();
             }
-            match client.simple_query("SELECT 1") {
+            // Bounded by the connection's deadline: a silent path ends here within
+            // QUERY_DEADLINE and we reconnect.
+            match client.batch_execute("SELECT 1") {
                 Ok(_) => mark(),
-                Err(e) => break e.to_string(),
+                Err(e) => break crate::error::Error::from(e).to_string(),
             }
         };
         beat.store(0, Ordering::Relaxed);

@@ -224,8 +224,10 @@ impl Scheduler {
 
     /// An empty claim: find out why, so we neither spin nor miss a lost leadership.
     fn nothing_claimed(&mut self) {
-        let Ok(state) = self.store.state() else {
-            return;
+        let state = match self.store.state() {
+            Ok(state) => state,
+            // Unanswered (a silent path) or failed: count it like a failed claim.
+            Err(e) => return self.database_failed(&e),
         };
         self.status
             .processing_enabled

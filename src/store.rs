@@ -9,11 +9,12 @@
 use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
-use postgres::{Client, Statement};
+use postgres::Statement;
 
 use crate::connect::Postgres;
 use crate::error::Error;
 use crate::message::{Attempt, Claimed, Delivery};
+use crate::pg::Client;
 
 /// The migrations in `sql/`, applied in this order, each once.
 const MIGRATIONS: &[(&str, &str)] = &[
@@ -220,9 +221,8 @@ impl Store {
     }
 
     fn open(&self) -> Result<Connection, Error> {
+        // Bounded: statement_timeout on the server, a deadline on every call (connect.rs).
         let mut client = self.server.connect(None)?;
-        // No query of ours takes long; one that hangs must not stall the scheduler forever.
-        client.batch_execute("SET statement_timeout = '30s'")?;
         let schema_ready = client
             .query_one("SELECT to_regclass('dispatcher_state') IS NOT NULL", &[])?
             .get::<_, bool>(0);
@@ -242,7 +242,7 @@ impl Store {
     /// Applies pending migrations; returns the names applied now.
     pub fn migrate(&mut self) -> Result<Vec<&'static str>, Error> {
         // A dedicated connection: `open` refuses to work on an unmigrated database.
-        let mut client = self.server.connect(Some("migrate"))?;
+        let mut client = self.server.connect_unbounded(Some("migrate"))?;
         client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])?;
         let result = apply_migrations(&mut client);
         let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]);

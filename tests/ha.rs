@@ -1069,26 +1069,43 @@ fn without_the_lease_redis_is_not_needed() {
     assert_eq!(receiver.keys().len(), 20);
 }
 
-/// A TCP proxy to PostgreSQL that the test can cut: it closes every connection it carries and
-/// refuses new ones, like a network partition between one instance and the database.
+/// A TCP proxy to PostgreSQL between one instance and the database. It can `cut` the path
+/// (close every connection it carries and refuse new ones: a partition that resets) or
+/// `blackhole` it (keep every connection open, accept new ones, forward nothing in either
+/// direction and never close anything: a path that silently drops packets, or a middlebox
+/// that hung — the client's kernel sees its data acknowledged, so only a client-side deadline
+/// can tell).
 struct Partition {
     port: u16,
-    cut: Arc<AtomicBool>,
+    mode: Arc<AtomicUsize>,
     streams: Arc<Mutex<Vec<std::net::TcpStream>>>,
+    /// Bytes that went into the blackhole from connections made before it opened.
+    swallowed: Arc<AtomicUsize>,
 }
+
+const FORWARD: usize = 0;
+const CUT: usize = 1;
+const BLACKHOLE: usize = 2;
 
 impl Partition {
     fn to_postgres() -> Partition {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let cut = Arc::new(AtomicBool::new(false));
+        let mode = Arc::new(AtomicUsize::new(FORWARD));
         let streams: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
-        let (cut2, streams2) = (cut.clone(), streams.clone());
+        let swallowed = Arc::new(AtomicUsize::new(0));
+        let (mode2, streams2, swallowed2) = (mode.clone(), streams.clone(), swallowed.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
-                if cut2.load(Ordering::SeqCst) {
-                    continue; // dropped: refused in effect
+                match mode2.load(Ordering::SeqCst) {
+                    CUT => continue, // dropped: refused in effect
+                    BLACKHOLE => {
+                        // Accepted and held open; whatever the client says goes nowhere.
+                        streams2.lock().unwrap().push(client);
+                        continue;
+                    }
+                    _ => {}
                 }
                 let Ok(server) = std::net::TcpStream::connect("127.0.0.1:5432") else {
                     continue;
@@ -1096,18 +1113,21 @@ impl Partition {
                 let mut all = streams2.lock().unwrap();
                 all.push(client.try_clone().unwrap());
                 all.push(server.try_clone().unwrap());
-                for (mut from, mut to) in [
+                for (from, to) in [
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server, client),
                 ] {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
+                    let (mode, swallowed) = (mode2.clone(), swallowed2.clone());
+                    std::thread::spawn(move || pump(from, to, &mode, &swallowed));
                 }
             }
         });
-        Partition { port, cut, streams }
+        Partition {
+            port,
+            mode,
+            streams,
+            swallowed,
+        }
     }
 
     /// The URL of `db` through this proxy.
@@ -1116,10 +1136,46 @@ impl Partition {
     }
 
     fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
+        self.mode.store(CUT, Ordering::SeqCst);
         for s in self.streams.lock().unwrap().drain(..) {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
+    }
+
+    fn blackhole(&self) {
+        self.mode.store(BLACKHOLE, Ordering::SeqCst);
+    }
+
+    fn swallowed(&self) -> usize {
+        self.swallowed.load(Ordering::SeqCst)
+    }
+}
+
+/// Copies one direction of a proxied connection until either side closes it; in blackhole mode
+/// reads and drops everything, keeping both sockets open.
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    mode: &AtomicUsize,
+    swallowed: &AtomicUsize,
+) {
+    use std::io::{Read, Write};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if mode.load(Ordering::SeqCst) == BLACKHOLE {
+            swallowed.fetch_add(n, Ordering::SeqCst);
+            continue;
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    if mode.load(Ordering::SeqCst) != BLACKHOLE {
+        let _ = to.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -1396,4 +1452,137 @@ fn attempts_count_requests_whose_outcome_was_lost_in_a_crash() {
     for id in repeated {
         assert_eq!(db.row(id).1, 2, "message {id}");
     }
+}
+
+/// How long the daemon takes at most to give up on a statement PostgreSQL never answers (its
+/// client-side deadline, `connect::QUERY_DEADLINE`), plus slack for a busy machine.
+const SILENT_PATH_DETECTED: Duration = Duration::from_secs(15);
+
+#[test]
+fn a_leader_on_a_blackholed_path_notices_steps_down_and_a_standby_delivers() {
+    let _serial = serial();
+    let db = TestDb::migrated();
+    assert!(
+        db.url.contains(":5432/"),
+        "this test proxies the default server"
+    );
+    let receiver = Receiver::start();
+    let key = unique("md_lock");
+    let partition = Partition::to_postgres();
+    let a = start_instance(
+        1,
+        &ha_env(&partition.url(&db), &redis_url(), &key),
+        &receiver,
+    );
+    wait_one_holder(&[&a]);
+    let b = start_instance(2, &ha_env(&db.url, &redis_url(), &key), &receiver);
+    assert_eq!(wait_one_holder(&[&a, &b]), 0);
+
+    let failures_before = a.log_lines("Database unavailable").len();
+    partition.blackhole();
+    let holed_at = Instant::now();
+    db.insert(50);
+    // A claims every 100 ms, so its next statement goes into the hole at once and is never
+    // answered: no reset, no error, no server-side statement_timeout.
+    wait_until(
+        Duration::from_secs(5),
+        "a statement of A in the hole",
+        || partition.swallowed() > 0,
+    );
+    wait_new_log(&a, "Database unavailable", failures_before, LONG);
+    let detected = holed_at.elapsed();
+    eprintln!("blackholed path: A logged `Database unavailable` after {detected:?}");
+    assert!(
+        detected <= SILENT_PATH_DETECTED,
+        "A noticed the silent path only after {detected:?}"
+    );
+    wait_until(LONG, "A to give up the lease", || {
+        !a.log_lines("Lock lost").is_empty() || !a.log_lines("Stepping down as leader").is_empty()
+    });
+    b.wait_log("Lock acquired", LONG);
+    wait_until(
+        LONG,
+        "delivery by the instance that reaches PostgreSQL",
+        || db.count("sent") == 50,
+    );
+    let seen = receiver.seen();
+    assert!(seen.iter().all(|s| s.path == path_of(2)));
+    // A stuck leader cannot extend its lease either, so B takes over after about a TTL,
+    // before A has even noticed.
+    let first = seen.iter().map(|s| s.at).min().unwrap();
+    eprintln!(
+        "blackholed path: the standby sent its first message {:?} after the blackhole",
+        first - holed_at
+    );
+    // (A's own /health would wait on the silent path too: ask Redis who holds the lease.)
+    assert_eq!(
+        redis_holder(&redis_url(), &key),
+        Some(instance_id(&b)),
+        "B holds the lease"
+    );
+}
+
+#[test]
+fn sigterm_while_blocked_on_a_blackholed_path_exits_within_its_bound() {
+    let _serial = serial();
+    let db = TestDb::migrated();
+    assert!(
+        db.url.contains(":5432/"),
+        "this test proxies the default server"
+    );
+    let receiver = Receiver::start();
+    // A's requests hang until the gate opens (and time out after WEBHOOK_TIMEOUT), so A has
+    // claimed messages in flight and outcomes to write when its path goes silent.
+    let gate = Gate::new(&path_of(1));
+    let g = gate.clone();
+    receiver.respond_with(move |seen, _| {
+        g.pass(seen);
+        Answer::accepted()
+    });
+    let _open_on_exit = gate.open_on_drop();
+    let key = unique("md_lock");
+    let partition = Partition::to_postgres();
+    let env_a = ha_env(&partition.url(&db), &redis_url(), &key);
+    let mut a = start_instance(1, &env_a, &receiver);
+    wait_one_holder(&[&a]);
+    let b = start_instance(2, &ha_env(&db.url, &redis_url(), &key), &receiver);
+    assert_eq!(wait_one_holder(&[&a, &b]), 0);
+
+    gate.close();
+    let total = 30;
+    db.insert(total);
+    wait_until(Duration::from_secs(10), "A's requests in flight", || {
+        gate.holding.load(Ordering::SeqCst) > 0
+    });
+    partition.blackhole();
+    // The scheduler's next statement (a claim, or the outcomes of the requests that time out)
+    // goes into the hole and blocks it.
+    wait_until(
+        Duration::from_secs(5),
+        "a statement of A in the hole",
+        || partition.swallowed() > 0,
+    );
+    let sigterm_at = Instant::now();
+    a.signal("TERM");
+    let status = a.wait_exit(LONG);
+    let took = sigterm_at.elapsed();
+    eprintln!(
+        "SIGTERM with the scheduler blocked on a silent path: exited {status} after {took:?}"
+    );
+    // MAX_PROCESSING_TIME + WEBHOOK_TIMEOUT in `ha_env`, and slack for a busy machine.
+    let bound = Duration::from_secs(1) + Duration::from_secs(1);
+    assert!(
+        took <= bound + Duration::from_secs(1),
+        "A took {took:?} to stop"
+    );
+    assert!(status.success(), "{status}");
+    gate.open();
+
+    // What A left `sending` comes back through crash recovery; B sends everything.
+    b.wait_log("Lock acquired", LONG);
+    wait_until(LONG, "every message sent by B", || {
+        db.count("sent") == total as i64
+    });
+    assert_eq!(db.count("sending") + db.count("pending"), 0);
+    assert_eq!(receiver.keys().len(), total);
 }
