@@ -103,6 +103,15 @@ impl Inc {
         }
     }
 
+    /// `Database unavailable` lines in [from, to] whose error is a NUL byte PostgreSQL refused.
+    fn nul_errors(&self, from: i64, to: i64) -> usize {
+        self.events
+            .iter()
+            .filter(|e| e.at >= from && e.at <= to && e.msg == "Database unavailable")
+            .filter(|e| e.line["error"].as_str().is_some_and(|t| t.contains("0x00")))
+            .count()
+    }
+
     fn paused_during(&self, from: i64, to: i64) -> bool {
         self.pauses.iter().any(|(a, b)| *a <= to && *b >= from)
     }
@@ -341,6 +350,27 @@ pub fn check(d: &Data) -> Report {
                     released
                         .map(|rel| format!(", released at {}", fmt_us(rel)))
                         .unwrap_or_default()
+                ),
+            );
+        }
+    }
+
+    // --- an answer's bytes never make an outcome unwritable --------------------------------
+    for inc in &d.incs {
+        let n = inc.nul_errors(0, i64::MAX);
+        if n > 0 {
+            let first = inc
+                .events
+                .iter()
+                .find(|e| e.msg == "Database unavailable" && e.line["error"].as_str().is_some_and(|t| t.contains("0x00")))
+                .unwrap();
+            report.violate(
+                "no answer makes an outcome unwritable",
+                format!(
+                    "{}: {n} outcome writes refused by PostgreSQL because of a NUL byte from the receiver, the first at {}: {}",
+                    inc.name,
+                    fmt_us(first.at),
+                    first.line
                 ),
             );
         }
@@ -656,6 +686,9 @@ pub fn check(d: &Data) -> Report {
                 None => Err("no claim".into()),
                 Some(c) if matches!(&c.end, ClaimEnd::Outcome(s, _) if s == "sent") => {
                     Err(format!("its claim already ended sent at {}", fmt_us(c.end_at.unwrap_or(0))))
+                }
+                Some(c) if sender.is_some_and(|s| s.nul_errors(r.arrived, c.end_at.unwrap_or(i64::MAX)) > 0) => {
+                    Err("its outcome write kept failing on a NUL byte (`Database unavailable`: invalid byte sequence 0x00), fault or not".into())
                 }
                 Some(c) => {
                     let until = c.end_at.unwrap_or(i64::MAX);
