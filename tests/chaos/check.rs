@@ -304,7 +304,11 @@ pub fn check(d: &Data) -> Report {
             } else {
                 report.violate(
                     "no request without the lease",
-                    format!("{} but {} never logged `Lock acquired` before it", describe(r), inc.name),
+                    format!(
+                        "{} but {} never logged `Lock acquired` before it",
+                        describe(r),
+                        inc.name
+                    ),
                 );
             }
             continue;
@@ -328,7 +332,13 @@ pub fn check(d: &Data) -> Report {
                     .max()
                     .is_some_and(|t| end <= t + ttl + 5 * MS));
         if !covered {
-            let last = chain.renewals.iter().filter(|t| **t <= end).max().copied().unwrap_or(chain.start);
+            let last = chain
+                .renewals
+                .iter()
+                .filter(|t| **t <= end)
+                .max()
+                .copied()
+                .unwrap_or(chain.start);
             if inc.paused_during(last, end) {
                 report.except("request in flight across a pause of its sender (SIGSTOP)");
                 continue;
@@ -362,7 +372,10 @@ pub fn check(d: &Data) -> Report {
             let first = inc
                 .events
                 .iter()
-                .find(|e| e.msg == "Database unavailable" && e.line["error"].as_str().is_some_and(|t| t.contains("0x00")))
+                .find(|e| {
+                    e.msg == "Database unavailable"
+                        && e.line["error"].as_str().is_some_and(|t| t.contains("0x00"))
+                })
                 .unwrap();
             report.violate(
                 "no answer makes an outcome unwritable",
@@ -371,6 +384,44 @@ pub fn check(d: &Data) -> Report {
                     inc.name,
                     fmt_us(first.at),
                     first.line
+                ),
+            );
+        }
+    }
+
+    // --- an epoch is begun only while its lease is valid ------------------------------------
+    // An acquisition whose epoch statement took longer than the lease (a database that hangs)
+    // raises the epoch after the key could have passed to someone else, fencing that holder.
+    for c in &chains {
+        let inc = &d.incs[c.inc];
+        let lost_at_once = inc.events.iter().find(|e| {
+            e.at >= c.start
+                && e.at <= c.start + 100 * MS
+                && e.msg == "Lock lost"
+                && e.line["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("could have expired"))
+        });
+        if let Some(lost) = lost_at_once {
+            let others: Vec<String> = chains
+                .iter()
+                .filter(|o| {
+                    o.inc != c.inc
+                        && o.renewals
+                            .iter()
+                            .any(|r| *r <= c.start && c.start <= r + ttl)
+                })
+                .map(|o| format!("{} (epoch {})", d.incs[o.inc].name, o.epoch))
+                .collect();
+            report.violate(
+                "an epoch is begun only while its lease is valid",
+                format!(
+                    "{} logged `Lock acquired` epoch {} at {} and at once `Lock lost` ({}): the epoch was raised after its lease could have expired; holders then with a live lease: [{}]",
+                    inc.name,
+                    c.epoch,
+                    fmt_us(c.start),
+                    lost.line["reason"].as_str().unwrap_or("?"),
+                    others.join(", ")
                 ),
             );
         }
@@ -410,7 +461,11 @@ pub fn check(d: &Data) -> Report {
                     "no claim by a replaced epoch",
                     format!(
                         "msg {} claimed by {:?} under epoch {:?} at {} while the epoch was {:?}",
-                        a.id, a.new_by, a.new_epoch, fmt_us(a.at), a.state_epoch
+                        a.id,
+                        a.new_by,
+                        a.new_epoch,
+                        fmt_us(a.at),
+                        a.state_epoch
                     ),
                 );
             }
@@ -465,10 +520,16 @@ pub fn check(d: &Data) -> Report {
         match found {
             Some(n) => {
                 let c = &claims[&r.key][n];
-                if matches!(c.end, ClaimEnd::Outcome(..)) && c.end_at.is_some_and(|t| r.arrived > t + 5 * MS) {
+                if matches!(c.end, ClaimEnd::Outcome(..))
+                    && c.end_at.is_some_and(|t| r.arrived > t + 5 * MS)
+                {
                     report.violate(
                         "requests only while claimed",
-                        format!("{} arrived after its claim's outcome was written at {}", describe(r), fmt_us(c.end_at.unwrap())),
+                        format!(
+                            "{} arrived after its claim's outcome was written at {}",
+                            describe(r),
+                            fmt_us(c.end_at.unwrap())
+                        ),
                     );
                 }
                 of_claim.entry((r.key, n)).or_default().push(r);
@@ -476,7 +537,11 @@ pub fn check(d: &Data) -> Report {
             }
             None => report.violate(
                 "requests only while claimed",
-                format!("{}: {} had not claimed the message", describe(r), d.incs[i].name),
+                format!(
+                    "{}: {} had not claimed the message",
+                    describe(r),
+                    d.incs[i].name
+                ),
             ),
         }
     }
@@ -492,7 +557,10 @@ pub fn check(d: &Data) -> Report {
                     format!(
                         "msg {id}: {} requests in one claim by {name}: {}",
                         reqs.len(),
-                        reqs.iter().map(|r| describe(r)).collect::<Vec<_>>().join("; ")
+                        reqs.iter()
+                            .map(|r| describe(r))
+                            .collect::<Vec<_>>()
+                            .join("; ")
                     ),
                 );
             }
@@ -515,7 +583,9 @@ pub fn check(d: &Data) -> Report {
                     let r = reqs[0];
                     let killed = claimant.is_some_and(|inc| {
                         matches!(inc.ending, Ending::Killed | Ending::Exited(..))
-                            && inc.ended.is_some_and(|t| t >= r.arrived && t <= c.end_at.unwrap_or(i64::MAX))
+                            && inc.ended.is_some_and(|t| {
+                                t >= r.arrived && t <= c.end_at.unwrap_or(i64::MAX)
+                            })
                     });
                     if killed {
                         report.except("request in flight at a SIGKILL, not counted in attempts");
@@ -580,7 +650,9 @@ pub fn check(d: &Data) -> Report {
                     .get(&row.id)
                     .map(|l| {
                         l.iter()
-                            .map(|c| format!("claimed by {} at {} → {:?}", c.by, fmt_us(c.at), c.end))
+                            .map(|c| {
+                                format!("claimed by {} at {} → {:?}", c.by, fmt_us(c.at), c.end)
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
@@ -591,20 +663,29 @@ pub fn check(d: &Data) -> Report {
                     row.attempts,
                     row.last_error,
                     trail.join("; "),
-                    reqs.last().map(|r| describe(r)).unwrap_or_else(|| "none".into())
+                    reqs.last()
+                        .map(|r| describe(r))
+                        .unwrap_or_else(|| "none".into())
                 )
             })
             .collect();
         report.violate(
             "every message ends sent, failed or expired",
-            format!("{} messages still pending or sending: {}", stuck.len(), examples.join(" || ")),
+            format!(
+                "{} messages still pending or sending: {}",
+                stuck.len(),
+                examples.join(" || ")
+            ),
         );
     }
 
     // --- sent rows were accepted, with the receiver's messageId ----------------------------
     for row in d.rows.iter().filter(|r| r.status == "sent") {
         let reqs = requests_of.get(&row.id).map(Vec::as_slice).unwrap_or(&[]);
-        if !reqs.iter().any(|r| matches!(r.end, End::Answered(200..=299))) {
+        if !reqs
+            .iter()
+            .any(|r| matches!(r.end, End::Answered(200..=299)))
+        {
             report.violate(
                 "every sent row was accepted by the receiver",
                 format!(
@@ -617,9 +698,9 @@ pub fn check(d: &Data) -> Report {
         }
         // The request whose claim ended `sent` carries the messageId to keep.
         let winner = reqs.iter().find(|r| {
-            claim_of_request.get(&r.seq).is_some_and(|(id, n)| {
-                matches!(&claims[id][*n].end, ClaimEnd::Outcome(s, _) if s == "sent")
-            })
+            claim_of_request.get(&r.seq).is_some_and(
+                |(id, n)| matches!(&claims[id][*n].end, ClaimEnd::Outcome(s, _) if s == "sent"),
+            )
         });
         if let Some(w) = winner {
             let expected = w.remote_id.as_deref();
@@ -746,7 +827,9 @@ pub fn check(d: &Data) -> Report {
         Some(took) if took <= RESUME_BOUND => {}
         other => report.violate(
             "delivery resumes within the bound after the last fault",
-            format!("first delivery {other:?} after the last fault was healed (bound {RESUME_BOUND:?})"),
+            format!(
+                "first delivery {other:?} after the last fault was healed (bound {RESUME_BOUND:?})"
+            ),
         ),
     }
 
@@ -760,9 +843,11 @@ pub fn check(d: &Data) -> Report {
         let mut run: Vec<&Sample> = Vec::new();
         let mut flagged_until = 0;
         for s in samples {
-            let good = matches!(&s.health, Some((200, true, true, _))) && s.due.is_some_and(|n| n > 0);
+            let good =
+                matches!(&s.health, Some((200, true, true, _))) && s.due.is_some_and(|n| n > 0);
             let continues = run.last().is_some_and(|last| {
-                s.at - last.at <= 1_500 * MS && last.health.as_ref().map(|h| &h.3) == s.health.as_ref().map(|h| &h.3)
+                s.at - last.at <= 1_500 * MS
+                    && last.health.as_ref().map(|h| &h.3) == s.health.as_ref().map(|h| &h.3)
             });
             if !good || !continues {
                 run.clear();
@@ -776,12 +861,13 @@ pub fn check(d: &Data) -> Report {
                 continue;
             }
             let id = &first.health.as_ref().unwrap().3;
-            let Some(&inc) = inc_by_id.get(id.as_str()) else { continue };
+            let Some(&inc) = inc_by_id.get(id.as_str()) else {
+                continue;
+            };
             let (islot, igen) = (d.incs[inc].slot, d.incs[inc].gen);
-            let sent = d
-                .requests
-                .iter()
-                .any(|r| r.slot == islot && r.gen == igen && r.arrived >= first.at && r.arrived <= last.at);
+            let sent = d.requests.iter().any(|r| {
+                r.slot == islot && r.gen == igen && r.arrived >= first.at && r.arrived <= last.at
+            });
             if !sent {
                 report.violate(
                     "an instance healthy and holding the lock delivers when work is due",

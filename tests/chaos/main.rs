@@ -103,7 +103,11 @@ fn parse_args() -> Args {
             "--seed" | "--seeds" => {
                 args.seeds = value()
                     .split(',')
-                    .map(|s| s.trim().parse().unwrap_or_else(|_| usage(&format!("bad seed {s:?}"))))
+                    .map(|s| {
+                        s.trim()
+                            .parse()
+                            .unwrap_or_else(|_| usage(&format!("bad seed {s:?}")))
+                    })
                     .collect()
             }
             "--duration" => {
@@ -113,13 +117,15 @@ fn parse_args() -> Args {
             "--exclude" => {
                 args.exclude = value().split(',').map(|s| s.trim().to_owned()).collect();
                 for e in &args.exclude {
-                    if !FAULT_NAMES.contains(&e.as_str()) && !BEHAVIOUR_NAMES.contains(&e.as_str()) {
+                    if !FAULT_NAMES.contains(&e.as_str()) && !BEHAVIOUR_NAMES.contains(&e.as_str())
+                    {
                         usage(&format!("unknown fault kind or behaviour {e:?}"));
                     }
                 }
             }
             // What libtest would accept, as `cargo test` may pass it along.
-            "--nocapture" | "--quiet" | "-q" | "--include-ignored" | "--ignored" | "--show-output" => {}
+            "--nocapture" | "--quiet" | "-q" | "--include-ignored" | "--ignored"
+            | "--show-output" => {}
             "--test-threads" | "--color" | "--format" => {
                 let _ = value();
             }
@@ -145,8 +151,13 @@ fn main() -> ExitCode {
             let plan = Plan::new(seed, args.duration, &args.exclude);
             println!("seed {seed}: {:?}", plan.settings);
             for f in &plan.faults {
-                println!("  at {:>7.3} s  {:<16} {:<12} for {:?}", f.at.as_secs_f64(), f.kind.name(),
-                    f.kind.target().map(|t| t.to_string()).unwrap_or_default(), f.hold);
+                println!(
+                    "  at {:>7.3} s  {:<16} {:<12} for {:?}",
+                    f.at.as_secs_f64(),
+                    f.kind.name(),
+                    f.kind.target().map(|t| t.to_string()).unwrap_or_default(),
+                    f.hold
+                );
             }
         }
         return ExitCode::SUCCESS;
@@ -197,7 +208,10 @@ fn campaign(seed: u64, duration: Duration, exclude: &[String]) -> bool {
         ),
     );
     let Some(mut world) = World::start(plan.clone(), exclude) else {
-        say(seed, "SKIPPED: redis-server or the PostgreSQL server binaries are missing");
+        say(
+            seed,
+            "SKIPPED: redis-server or the PostgreSQL server binaries are missing",
+        );
         return true;
     };
     let leader = world.supervise_until(Duration::from_secs(30), |w| {
@@ -205,7 +219,10 @@ fn campaign(seed: u64, duration: Duration, exclude: &[String]) -> bool {
             .iter()
             .any(|i| !i.daemon.log_lines("Lock acquired").is_empty())
     });
-    assert!(leader, "no instance took the lease within 30 s of the start");
+    assert!(
+        leader,
+        "no instance took the lease within 30 s of the start"
+    );
     world.start_monitor();
     world.start_load();
     world.run_faults();
@@ -224,7 +241,10 @@ fn campaign(seed: u64, duration: Duration, exclude: &[String]) -> bool {
         )
         .ok()
     });
-    assert!(probes.is_some(), "cannot enqueue the probes after the faults");
+    assert!(
+        probes.is_some(),
+        "cannot enqueue the probes after the faults"
+    );
     // The backlog drains at hundreds of messages a second once the receiver behaves; a wedged
     // cluster is given up on after STALL without progress rather than at the deadline.
     let quiet_for = Duration::from_secs(40) + Duration::from_millis(backlog as u64 * 20);
@@ -254,7 +274,11 @@ fn campaign(seed: u64, duration: Duration, exclude: &[String]) -> bool {
         &format!(
             "faults injected: {} ({}); instance restarts {restarts}; skipped {}",
             world.faults.len(),
-            kinds.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", "),
+            kinds
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             world.skipped.len()
         ),
     );
@@ -280,7 +304,11 @@ fn campaign(seed: u64, duration: Duration, exclude: &[String]) -> bool {
         seed,
         &format!(
             "receiver answers: {}",
-            behaviours.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
+            behaviours
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     );
     say(
@@ -407,7 +435,11 @@ fn gather(world: &World, healed_at: i64) -> Data {
                 i.daemon.name.clone(),
                 &i.daemon.logs(),
                 i.ended,
-                if i.ended.is_none() { Ending::Running } else { i.ending.clone() },
+                if i.ended.is_none() {
+                    Ending::Running
+                } else {
+                    i.ending.clone()
+                },
                 i.pauses.clone(),
             )
         })
@@ -433,7 +465,10 @@ fn dump(world: &World, data: &Data, violations: &[check::Violation]) -> PathBuf 
     std::fs::create_dir_all(&dir).unwrap();
     let write = |name: &str, text: String| std::fs::write(dir.join(name), text).unwrap();
     for i in &world.incarnations {
-        write(&format!("{}.log", i.daemon.name), i.daemon.logs().join("\n") + "\n");
+        write(
+            &format!("{}.log", i.daemon.name),
+            i.daemon.logs().join("\n") + "\n",
+        );
     }
     write(
         "receiver.tsv",

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::proxy::reset;
-use crate::plan::{behaviour, Behaviour};
 use crate::now_us;
+use crate::plan::{behaviour, Behaviour};
 
 /// How a request ended at the receiver.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -228,8 +228,11 @@ fn client_left_during(stream: &mut TcpStream, delay: Duration) -> bool {
 }
 
 fn response(status: u16, reason: &str, headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
-    let mut out = format!("HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\n", body.len())
-        .into_bytes();
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\n",
+        body.len()
+    )
+    .into_bytes();
     for (k, v) in headers {
         out.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
     }

@@ -90,7 +90,10 @@ impl FaultRecord {
     }
 
     pub fn describe(&self) -> String {
-        let target = self.slot.map(|s| format!(" instance-{s}")).unwrap_or_default();
+        let target = self
+            .slot
+            .map(|s| format!(" instance-{s}"))
+            .unwrap_or_default();
         format!(
             "{}{target} at {}{}",
             self.kind.name(),
@@ -242,12 +245,21 @@ impl World {
         let mut env = env_for_url(&db, &self.receiver.url(slot, gen));
         let interval = format!("{}ms", s.intervals[slot].as_millis());
         for (k, v) in [
-            ("REDIS_URL", format!("redis://127.0.0.1:{}/", self.redis_proxies[slot].port)),
+            (
+                "REDIS_URL",
+                format!("redis://127.0.0.1:{}/", self.redis_proxies[slot].port),
+            ),
             ("DISTRIBUTED_LOCK_ENABLED", "true".into()),
             ("DISTRIBUTED_LOCK_KEY", LOCK_KEY.into()),
             ("DISTRIBUTED_LOCK_TTL", format!("{}ms", TTL.as_millis())),
-            ("MAX_PROCESSING_TIME", format!("{}ms", MAX_PROCESSING_TIME.as_millis())),
-            ("WEBHOOK_TIMEOUT", format!("{}ms", WEBHOOK_TIMEOUT.as_millis())),
+            (
+                "MAX_PROCESSING_TIME",
+                format!("{}ms", MAX_PROCESSING_TIME.as_millis()),
+            ),
+            (
+                "WEBHOOK_TIMEOUT",
+                format!("{}ms", WEBHOOK_TIMEOUT.as_millis()),
+            ),
             ("PROCESSING_INTERVAL", interval),
             ("BATCH_SIZE", s.batch_size.to_string()),
             ("WORKER_COUNT", "4".into()),
@@ -294,7 +306,8 @@ impl World {
         let token: Option<String> = redis::cmd("GET").arg(LOCK_KEY).query(&mut conn).ok()?;
         let holder = token?.rsplit_once(':')?.0.to_owned();
         (0..INSTANCES).find(|s| {
-            self.current[*s].is_some_and(|i| self.incarnations[i].instance_id() == Some(holder.clone()))
+            self.current[*s]
+                .is_some_and(|i| self.incarnations[i].instance_id() == Some(holder.clone()))
         })
     }
 
@@ -312,8 +325,13 @@ impl World {
                         let name = self.incarnations[index].daemon.name.clone();
                         self.end(index, Ending::Exited(status.code(), started));
                         if started {
-                            let tail: Vec<String> =
-                                self.incarnations[index].daemon.logs().into_iter().rev().take(5).collect();
+                            let tail: Vec<String> = self.incarnations[index]
+                                .daemon
+                                .logs()
+                                .into_iter()
+                                .rev()
+                                .take(5)
+                                .collect();
                             self.incidents.push(Incident {
                                 invariant: "no crash",
                                 text: format!(
@@ -347,8 +365,13 @@ impl World {
                         }
                         _ if since.elapsed() > Duration::from_secs(15) => {
                             let name = self.incarnations[index].daemon.name.clone();
-                            let tail: Vec<String> =
-                                self.incarnations[index].daemon.logs().into_iter().rev().take(5).collect();
+                            let tail: Vec<String> = self.incarnations[index]
+                                .daemon
+                                .logs()
+                                .into_iter()
+                                .rev()
+                                .take(5)
+                                .collect();
                             self.incidents.push(Incident {
                                 invariant: "SIGTERM stops cleanly in time",
                                 text: format!(
@@ -392,24 +415,39 @@ impl World {
             _ => false,
         };
         if server_busy {
-            self.skipped.push(format!("{}: server already down", fault.kind.name()));
+            self.skipped
+                .push(format!("{}: server already down", fault.kind.name()));
             return None;
         }
         let busy_proxy = |p: &Proxy| p.mode() != Mode::Pass;
         match fault.kind {
-            Kind::PgRefuse(_) | Kind::PgBlackhole(_) if busy_proxy(&self.pg_proxies[slot.unwrap()]) => {
-                self.skipped.push(format!("{} instance-{}: proxy busy", fault.kind.name(), slot.unwrap()));
+            Kind::PgRefuse(_) | Kind::PgBlackhole(_)
+                if busy_proxy(&self.pg_proxies[slot.unwrap()]) =>
+            {
+                self.skipped.push(format!(
+                    "{} instance-{}: proxy busy",
+                    fault.kind.name(),
+                    slot.unwrap()
+                ));
                 return None;
             }
             Kind::RedisRefuse(_) | Kind::RedisBlackhole(_)
                 if busy_proxy(&self.redis_proxies[slot.unwrap()]) =>
             {
-                self.skipped.push(format!("{} instance-{}: proxy busy", fault.kind.name(), slot.unwrap()));
+                self.skipped.push(format!(
+                    "{} instance-{}: proxy busy",
+                    fault.kind.name(),
+                    slot.unwrap()
+                ));
                 return None;
             }
             _ => {}
         }
-        let incarnation = if instance_fault { self.current[slot.unwrap()] } else { None };
+        let incarnation = if instance_fault {
+            self.current[slot.unwrap()]
+        } else {
+            None
+        };
         let record = FaultRecord {
             kind: fault.kind,
             slot,
@@ -433,13 +471,16 @@ impl World {
                 return None;
             }
             Kind::Pause(_) => {
-                self.incarnations[incarnation.unwrap()].daemon.signal("STOP");
+                self.incarnations[incarnation.unwrap()]
+                    .daemon
+                    .signal("STOP");
                 self.states[slot.unwrap()] = SlotState::Paused;
             }
             Kind::Term(_) => {
-                self.incarnations[incarnation.unwrap()].daemon.signal("TERM");
-                self.states[slot.unwrap()] =
-                    SlotState::Terminating(Instant::now(), fault.hold);
+                self.incarnations[incarnation.unwrap()]
+                    .daemon
+                    .signal("TERM");
+                self.states[slot.unwrap()] = SlotState::Terminating(Instant::now(), fault.hold);
                 self.faults.push(record);
                 return None;
             }
@@ -550,7 +591,11 @@ impl World {
                 next += 1;
             }
             let all_running = self.states.iter().all(|s| *s == SlotState::Running);
-            if next == faults.len() && heals.is_empty() && all_running && now >= start + self.plan.duration {
+            if next == faults.len()
+                && heals.is_empty()
+                && all_running
+                && now >= start + self.plan.duration
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -558,7 +603,11 @@ impl World {
     }
 
     /// Keeps supervising (restarting whatever exits) until `done` or `timeout`.
-    pub fn supervise_until(&mut self, timeout: Duration, mut done: impl FnMut(&World) -> bool) -> bool {
+    pub fn supervise_until(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(&World) -> bool,
+    ) -> bool {
         let deadline = Instant::now() + timeout;
         let mut turn = 0u32;
         while Instant::now() < deadline {
@@ -633,7 +682,11 @@ impl World {
 
     /// Samples every instance's /health and the due work, every 250 ms, until stopped.
     pub fn start_monitor(&mut self) {
-        let (samples, stop, url) = (self.samples.clone(), self.stop_monitor.clone(), self.direct_url());
+        let (samples, stop, url) = (
+            self.samples.clone(),
+            self.stop_monitor.clone(),
+            self.direct_url(),
+        );
         let ports = self.ports.clone();
         self.threads.push(std::thread::spawn(move || {
             let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -705,9 +758,12 @@ impl World {
     pub fn count(&self, statuses: &[&str]) -> Option<i64> {
         let mut c = postgres::Client::connect(&self.direct_url(), postgres::NoTls).ok()?;
         let statuses: Vec<String> = statuses.iter().map(|s| s.to_string()).collect();
-        c.query_one("SELECT count(*) FROM messages WHERE status = ANY($1)", &[&statuses])
-            .ok()
-            .map(|r| r.get(0))
+        c.query_one(
+            "SELECT count(*) FROM messages WHERE status = ANY($1)",
+            &[&statuses],
+        )
+        .ok()
+        .map(|r| r.get(0))
     }
 }
 

@@ -92,8 +92,7 @@ fn carry(client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>) {
     let born = shared.refusals.load(Ordering::SeqCst);
     // A new connection waits (accepted, silent) while the proxy drops traffic.
     loop {
-        if shared.stopped.load(Ordering::SeqCst) || shared.refusals.load(Ordering::SeqCst) != born
-        {
+        if shared.stopped.load(Ordering::SeqCst) || shared.refusals.load(Ordering::SeqCst) != born {
             return reset(client);
         }
         match *shared.mode.lock().unwrap() {
@@ -121,8 +120,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared, born: u64) {
     let _ = from.set_read_timeout(Some(POLL));
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        if shared.stopped.load(Ordering::SeqCst) || shared.refusals.load(Ordering::SeqCst) != born
-        {
+        if shared.stopped.load(Ordering::SeqCst) || shared.refusals.load(Ordering::SeqCst) != born {
             break;
         }
         if *shared.mode.lock().unwrap() == Mode::Blackhole {
