@@ -565,9 +565,8 @@ pub fn check(d: &Data) -> Report {
                 );
             }
             match &c.end {
-                ClaimEnd::Outcome(status, tried) => {
-                    if *tried as usize != reqs.len().min(1) {
-                        report.violate(
+                ClaimEnd::Outcome(status, tried) if *tried as usize != reqs.len().min(1) => {
+                    report.violate(
                             "attempts equal the requests the receiver saw",
                             format!(
                                 "msg {id}: claim by {name} at {} ended {status} with +{tried} attempts at {}, but the receiver saw {} request(s){}",
@@ -577,7 +576,6 @@ pub fn check(d: &Data) -> Report {
                                 reqs.first().map(|r| format!(": {}", describe(r))).unwrap_or_default()
                             ),
                         );
-                    }
                 }
                 ClaimEnd::Recovered(by) if !reqs.is_empty() => {
                     let r = reqs[0];
