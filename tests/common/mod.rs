@@ -3,6 +3,7 @@
 //! deadlines (never bare sleeps).
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod proxy;
 pub mod servers;
 
 use std::collections::HashMap;
@@ -48,6 +49,20 @@ pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool
             "timed out after {timeout:?} waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Tries `attempt` until it gives a value, for at most `timeout`; None if it never did.
+pub fn wait_until_ok<T>(timeout: Duration, mut attempt: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = attempt() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
