@@ -37,5 +37,8 @@ trap 'rm -f "$log"' EXIT
 status=0
 cargo test --all-targets "$@" 2>&1 | tee "$log" || status=$?
 # One closing line for the whole run, summed over every test binary.
-awk '/^test result:/ { passed += $4; failed += $6 } END { printf "%d passed, %d failed\n", passed, failed }' "$log"
+# The fault campaign (tests/chaos, no libtest harness) prints its own 'N passed, N failed' line.
+awk '/^test result:/ { passed += $4; failed += $6 }
+     /^[0-9]+ passed, [0-9]+ failed$/ { passed += $1; failed += $3 }
+     END { printf "%d passed, %d failed\n", passed, failed }' "$log"
 exit "$status"
