@@ -371,7 +371,7 @@ impl Leadership {
         let result = self.lease().acquire();
         let was_ok = std::mem::replace(&mut self.redis_ok, result.is_ok());
         match result {
-            Ok(true) => match self.epoch_to_hold(store) {
+            Ok(true) => match self.epoch_to_hold(store, started.1) {
                 Ok(epoch) => {
                     self.epoch_backoff.succeed();
                     self.epoch = Some(epoch);
@@ -415,13 +415,17 @@ impl Leadership {
     /// The epoch to lead under: ours again when PostgreSQL still shows it (nobody has led since
     /// we lost the key, e.g. to a Redis hiccup, so our in-flight outcomes stay valid), else a
     /// new one. Anyone else who led in between had to raise the epoch before writing.
-    fn epoch_to_hold(&self, store: &mut Store) -> Result<i64, Error> {
+    ///
+    /// The epoch is raised only while the lease just taken (at `started`) cannot have expired:
+    /// a statement stuck on a silent path must not raise it after another instance took over.
+    fn epoch_to_hold(&self, store: &mut Store, started: BootInstant) -> Result<i64, Error> {
         if let Some(mine) = self.epoch {
             if store.state()?.epoch == mine {
                 return Ok(mine);
             }
         }
-        store.begin_epoch()
+        let lease = self.lease.as_ref().expect("only with a lease");
+        store.begin_epoch(started + lease.ttl - self.margin)
     }
 
     fn set_deadline(&mut self, started: BootInstant) {

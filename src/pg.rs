@@ -147,6 +147,16 @@ impl Client {
         })
     }
 
+    /// Runs `f` with every call it makes bounded by `limit` too (when that is shorter than the
+    /// connection's own deadline): for a statement whose answer is worthless after a moment.
+    pub fn within<T>(&mut self, limit: Duration, f: impl FnOnce(&mut Client) -> T) -> T {
+        let usual = self.deadline;
+        self.deadline = Some(usual.map_or(limit, |d| d.min(limit)));
+        let result = f(self);
+        self.deadline = usual;
+        result
+    }
+
     /// Runs one call to completion, within the deadline.
     fn call<'c, T, F>(
         &'c mut self,

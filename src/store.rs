@@ -7,10 +7,11 @@
 //! them or makes them match nothing.
 
 use std::borrow::Cow;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use postgres::Statement;
 
+use crate::clock::BootInstant;
 use crate::connect::Postgres;
 use crate::error::Error;
 use crate::message::{Attempt, Claimed, Delivery};
@@ -352,18 +353,35 @@ impl Store {
         })
     }
 
-    /// Starts a new leadership epoch held by this instance, in one statement.
-    pub fn begin_epoch(&mut self) -> Result<i64, Error> {
+    /// Starts a new leadership epoch held by this instance, but only while its lease cannot have
+    /// expired (`valid_until`): an epoch raised later — a statement held up on a silent path
+    /// and delivered when it heals — would fence out whoever holds the key by then. PostgreSQL
+    /// checks that itself, on its own clock: one round trip reads that clock, so only the two
+    /// clocks' rates need agree, not their settings.
+    pub fn begin_epoch(&mut self, valid_until: BootInstant) -> Result<i64, Error> {
         let instance = self.instance_id.clone();
-        self.with(|c| {
-            c.client
-                .query_one(
-                    "UPDATE dispatcher_state
-                     SET epoch = epoch + 1, holder = $1, epoch_started_at = now()
-                     RETURNING epoch",
-                    &[&instance],
-                )
-                .map(|r| r.get(0))
+        let left = valid_until.saturating_duration_since(BootInstant::now());
+        let raised = self.with(|c| {
+            c.client.within(left, |client| {
+                let server_now: SystemTime =
+                    client.query_one("SELECT clock_timestamp()", &[])?.get(0);
+                // The server read its clock before we got the answer: what is left of the lease
+                // from now on is also left from then on.
+                let left = valid_until.saturating_duration_since(BootInstant::now());
+                let server_deadline = server_now + left;
+                client
+                    .query_opt(
+                        "UPDATE dispatcher_state
+                         SET epoch = epoch + 1, holder = $1, epoch_started_at = now()
+                         WHERE clock_timestamp() < $2
+                         RETURNING epoch",
+                        &[&instance, &server_deadline],
+                    )
+                    .map(|r| r.map(|r| r.get(0)))
+            })
+        })?;
+        raised.ok_or_else(|| {
+            Error::Other("the lease could have expired before the epoch was started".into())
         })
     }
 

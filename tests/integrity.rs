@@ -450,7 +450,7 @@ fn the_daemons_statements_satisfy_the_constraints() {
     );
 
     // Under the lease: claimed with the epoch, then every outcome.
-    let epoch = a.begin_epoch().unwrap();
+    let epoch = a.begin_epoch(soon()).unwrap();
     assert!(epoch >= 1);
     let claimed = a.claim(4, Some(epoch)).unwrap();
     assert_eq!(claimed.len(), 4);
@@ -470,7 +470,7 @@ fn the_daemons_statements_satisfy_the_constraints() {
     // Crash recovery: A's claims are returned by B under a newer epoch.
     let claimed = a.claim(8, Some(epoch)).unwrap();
     assert_eq!(claimed.len(), 4);
-    let newer = b.begin_epoch().unwrap();
+    let newer = b.begin_epoch(soon()).unwrap();
     assert_eq!(
         b.recover_abandoned(Duration::ZERO, Some(newer), 50)
             .unwrap(),
@@ -488,4 +488,9 @@ fn the_daemons_statements_satisfy_the_constraints() {
         .unwrap()
         .get(0);
     assert_eq!(unclaimed_but_held, 0);
+}
+
+/// A lease deadline a few seconds ahead, for statements that need one.
+fn soon() -> message_dispatcher::clock::BootInstant {
+    message_dispatcher::clock::BootInstant::now() + Duration::from_secs(5)
 }
