@@ -55,13 +55,14 @@ pub fn serve(config: &Config) -> Result<(), Error> {
     let capacity = 2 * config.batch_size as usize;
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(capacity);
     let (outcomes_tx, outcomes_rx) = crossbeam_channel::bounded(capacity);
+    let rate_limit = config
+        .webhook_rate_limit
+        .map(|r| Arc::new(RateLimit::new(r)));
     let workers = worker::Worker {
         webhook: Arc::new(Webhook::new(config, webhook_url)),
         permit: leadership.permit(),
         circuit: circuit.clone(),
-        rate_limit: config
-            .webhook_rate_limit
-            .map(|r| Arc::new(RateLimit::new(r))),
+        rate_limit: rate_limit.clone(),
         shutdown: shutdown.clone(),
         metrics: metrics.clone(),
     };
@@ -97,6 +98,7 @@ pub fn serve(config: &Config) -> Result<(), Error> {
             metrics,
             status,
             circuit,
+            rate_limit,
         },
     );
     let (finished, scheduler_done) = crossbeam_channel::bounded::<()>(1);

@@ -360,10 +360,23 @@ impl Leadership {
                 self.lose("another instance holds the key");
             }
             Err(e) => {
+                // Redis did not answer: the key may well still be ours until the deadline.
+                // Keep sending until then (the tick gives up at the deadline) and try again
+                // soon, rather than stop everything for a retry period over one hiccup.
                 self.metrics.lock_extension_failures.inc();
-                self.lose(&format!("cannot extend the lease: {e}"));
+                let retry = (self.extend_every / 4).max(Duration::from_millis(10));
+                self.next_tick = started.0 + retry;
+                log::warn!(
+                    key = self.key().as_str(), error = e.to_string().as_str(),
+                    retry_in = crate::config::fmt_duration(retry).as_str();
+                    "Cannot extend the lock, retrying"
+                );
             }
         }
+    }
+
+    fn ttl(&self) -> Duration {
+        self.lease.as_ref().map_or(Duration::ZERO, |l| l.ttl)
     }
 
     fn acquire(&mut self, store: &mut Store) {
@@ -386,8 +399,7 @@ impl Leadership {
                 }
                 Err(e) => {
                     // Without a new epoch our writes would be fenced anyway: step back, and try
-                    // again only after a growing pause (PostgreSQL is probably down). Nothing
-                    // was sent under this acquisition, so the key can go at once.
+                    // again only after a growing pause (PostgreSQL is probably down).
                     self.metrics.lock_acquire_failures.inc();
                     let wait = self.epoch_backoff.fail();
                     self.next_tick = self.next_tick.max(Instant::now() + wait);
@@ -396,7 +408,11 @@ impl Leadership {
                         retry_in = crate::config::fmt_duration(wait).as_str();
                         "Cannot start a leadership epoch, releasing the lock"
                     );
-                    let _ = self.lease().release();
+                    // The key may have been ours all along (taken back after a Redis error),
+                    // with requests of the earlier holding still running: the key goes only
+                    // once they have ended.
+                    self.deadline = Some(started.1 + self.ttl() - self.margin);
+                    self.release(BootInstant::now() + self.ttl());
                 }
             },
             Ok(false) => {

@@ -76,6 +76,11 @@ impl Outcomes {
         self.buffered.push(outcome);
     }
 
+    /// The messages whose outcome is buffered.
+    pub fn ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.buffered.iter().map(|o| o.id)
+    }
+
     pub fn len(&self) -> usize {
         self.buffered.len()
     }
@@ -201,8 +206,8 @@ impl Outcomes {
         match store.record(epoch, std::iter::once((outcome.id, &plain, attempt))) {
             Ok(_) => Ok(()),
             Err(e) if e.is_data_error() => {
-                // Nothing we add is left to remove: leave the row to crash recovery rather than
-                // stall every batch behind it.
+                // Nothing we add is left to remove: leave the row to crash recovery (which takes
+                // back any row this instance no longer holds) rather than stall every batch.
                 log::error!(
                     id = outcome.id, error = e.to_string().as_str();
                     "Outcome cannot be stored; the message returns to pending through crash recovery"

@@ -10,6 +10,8 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::shutdown::Shutdown;
+
 pub struct RateLimit {
     /// Time between two requests at the limit.
     interval: Duration,
@@ -31,8 +33,8 @@ impl RateLimit {
     }
 
     /// Reserves the next slot and sleeps until it. Returns false, reserving nothing, when the
-    /// slot would come after `not_after`.
-    pub fn wait(&self, not_after: Instant) -> bool {
+    /// slot would come after `not_after`; false too when the shutdown starts while it sleeps.
+    pub fn wait(&self, not_after: Instant, shutdown: &Shutdown) -> bool {
         let slot = {
             let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
@@ -45,10 +47,24 @@ impl RateLimit {
             slot
         };
         let wait = slot.saturating_duration_since(Instant::now());
-        if !wait.is_zero() {
-            std::thread::sleep(wait);
-        }
-        true
+        wait.is_zero() || !shutdown.sleep(wait)
+    }
+
+    /// How many requests could still start before `horizon`, were they asked for now: the
+    /// scheduler claims no more than that, so that claimed messages do not wait past their
+    /// cycle for a slot and come back unsent, only to be claimed again.
+    pub fn room_before(&self, horizon: Instant) -> u32 {
+        let next = *self.next.lock().unwrap_or_else(|e| e.into_inner());
+        let base = next.max(Instant::now());
+        let Some(span) = (horizon + self.tolerance).checked_duration_since(base) else {
+            return 0;
+        };
+        (span.as_secs_f64() / self.interval.as_secs_f64()).floor() as u32 + 1
+    }
+
+    /// The time between two requests at the limit.
+    pub fn interval(&self) -> Duration {
+        self.interval
     }
 }
 
@@ -62,7 +78,7 @@ mod tests {
         let start = Instant::now();
         let far = start + Duration::from_secs(10);
         for _ in 0..25 {
-            assert!(limit.wait(far));
+            assert!(limit.wait(far, &Shutdown::new()));
         }
         // 25 requests at 100/s with a burst of 5: the 25th no earlier than 200 ms in.
         assert!(start.elapsed() >= Duration::from_millis(195));
@@ -72,10 +88,35 @@ mod tests {
     fn a_slot_past_the_deadline_is_not_taken() {
         let limit = RateLimit::new(1.0);
         let now = Instant::now();
-        assert!(limit.wait(now + Duration::from_secs(5)));
-        assert!(!limit.wait(Instant::now() + Duration::from_millis(100)));
+        assert!(limit.wait(now + Duration::from_secs(5), &Shutdown::new()));
+        assert!(!limit.wait(
+            Instant::now() + Duration::from_millis(100),
+            &Shutdown::new()
+        ));
         // Nothing was reserved: the next slot is still one second after the first, not two.
-        assert!(limit.wait(now + Duration::from_millis(1500)));
+        assert!(limit.wait(now + Duration::from_millis(1500), &Shutdown::new()));
+    }
+
+    #[test]
+    fn room_counts_the_slots_before_a_horizon() {
+        let limit = RateLimit::new(10.0); // 100 ms apart, burst 1
+        let now = Instant::now();
+        assert_eq!(limit.room_before(now + Duration::from_millis(450)), 5);
+        assert!(limit.wait(now + Duration::from_secs(1), &Shutdown::new()));
+        assert!(limit.room_before(now + Duration::from_millis(450)) <= 4);
+        assert_eq!(limit.room_before(now - Duration::from_secs(1)), 0);
+    }
+
+    #[test]
+    fn the_shutdown_ends_a_wait() {
+        let limit = RateLimit::new(0.1);
+        let shutdown = Shutdown::new();
+        let far = Instant::now() + Duration::from_secs(60);
+        assert!(limit.wait(far, &shutdown));
+        shutdown.trigger();
+        let started = Instant::now();
+        assert!(!limit.wait(far, &shutdown), "the second slot is 10 s away");
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
@@ -88,7 +129,7 @@ mod tests {
                 let limit = limit.clone();
                 std::thread::spawn(move || {
                     for _ in 0..10 {
-                        assert!(limit.wait(far));
+                        assert!(limit.wait(far, &Shutdown::new()));
                     }
                 })
             })

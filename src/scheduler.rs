@@ -6,6 +6,7 @@
 //! as there is room in the pipeline and messages are due. Then it sleeps on whatever comes first:
 //! an outcome, a wake-up from LISTEN/NOTIFY, the next lease tick or cycle, or the shutdown.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use crate::listener::Listener;
 use crate::message::{Claimed, Job, Outcome};
 use crate::metrics::Metrics;
 use crate::outcomes::Outcomes;
+use crate::rate::RateLimit;
 use crate::shutdown::Shutdown;
 use crate::status::Status;
 use crate::store::Store;
@@ -52,10 +54,11 @@ pub struct Scheduler {
     metrics: Arc<Metrics>,
     status: Arc<Status>,
     circuit: Arc<Circuit>,
+    rate_limit: Option<Arc<RateLimit>>,
     watchdog: Option<Duration>,
 
-    /// Jobs handed to the workers whose outcome has not come back yet.
-    in_flight: usize,
+    /// Messages handed to the workers whose outcome has not come back yet.
+    in_flight: HashSet<i64>,
     outcomes_pending: Outcomes,
     next_claim: Instant,
     next_recovery: Instant,
@@ -65,6 +68,8 @@ pub struct Scheduler {
     db_retry_at: Option<Instant>,
     /// Paces claims while due messages are there but locked by another transaction.
     locked: Backoff,
+    /// The leadership epoch the circuit breaker's state belongs to.
+    led_epoch: Option<i64>,
 }
 
 pub struct Parts {
@@ -77,6 +82,7 @@ pub struct Parts {
     pub metrics: Arc<Metrics>,
     pub status: Arc<Status>,
     pub circuit: Arc<Circuit>,
+    pub rate_limit: Option<Arc<RateLimit>>,
 }
 
 impl Scheduler {
@@ -101,14 +107,16 @@ impl Scheduler {
             metrics: parts.metrics,
             status: parts.status,
             circuit: parts.circuit,
+            rate_limit: parts.rate_limit,
             watchdog: crate::notify::watchdog_period(),
-            in_flight: 0,
+            in_flight: HashSet::new(),
             next_claim: now,
             next_recovery: now,
             last_watchdog: now,
             db: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             db_retry_at: None,
             locked: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
+            led_epoch: None,
         }
     }
 
@@ -141,9 +149,14 @@ impl Scheduler {
             Ordering::Relaxed,
         );
         if self.leadership.leading() && !was_leading {
-            // A new leader starts a cycle at once instead of waiting an interval, and finds out
-            // for itself how the receiver is doing.
+            // A new leader starts a cycle at once instead of waiting an interval.
             self.next_claim = Instant::now();
+        }
+        let epoch = self.leadership.epoch();
+        if self.leadership.holding() && epoch != self.led_epoch {
+            // A new leadership (not the same one back after a hiccup) finds out for itself how
+            // the receiver is doing.
+            self.led_epoch = epoch;
             self.circuit.reset();
         }
     }
@@ -152,17 +165,37 @@ impl Scheduler {
         now >= self.next_claim
             && self.db_retry_at.is_none_or(|at| now >= at)
             && self.leadership.leading()
-            && self.in_flight + self.batch_size as usize <= self.max_in_flight
-            && self.circuit.claims_allowed(self.batch_size).is_ok()
+            && self.in_flight.len() + self.batch_size as usize <= self.max_in_flight
+            && self.webhook_room(now).is_ok()
+    }
+
+    /// How many messages the receiver can take now: a full batch, the one probe of an open
+    /// circuit, or what WEBHOOK_RATE_LIMIT lets start within a cycle — else when to look again.
+    fn webhook_room(&self, now: Instant) -> Result<u32, Instant> {
+        let room = self.circuit.claims_allowed(self.batch_size)?;
+        let Some(limit) = &self.rate_limit else {
+            return Ok(room);
+        };
+        let slots = limit
+            .room_before(now + self.max_processing_time)
+            .saturating_sub(self.in_flight.len() as u32);
+        match room.min(slots) {
+            0 => Err(now + limit.interval()),
+            n => Ok(n),
+        }
     }
 
     /// One cycle: recover abandoned rows, claim a batch, hand it to the workers.
     fn cycle(&mut self, now: Instant) {
         let epoch = self.leadership.epoch();
         if now >= self.next_recovery {
-            let recovered =
-                self.store
-                    .recover_abandoned(self.recovery_timeout, epoch, self.max_attempts);
+            let held = self.held();
+            let recovered = self.store.recover_abandoned(
+                self.recovery_timeout,
+                &held,
+                epoch,
+                self.max_attempts,
+            );
             match recovered {
                 Ok(0) => {}
                 Ok(n) => {
@@ -173,11 +206,7 @@ impl Scheduler {
             }
             self.next_recovery = now + RECOVERY_PERIOD;
         }
-        // A full batch, or the one probe of an open circuit.
-        let limit = self
-            .circuit
-            .claims_allowed(self.batch_size)
-            .unwrap_or(self.batch_size);
+        let limit = self.webhook_room(now).unwrap_or(self.batch_size);
         let claimed = match self.store.claim(limit, epoch) {
             Ok(claimed) => claimed,
             Err(e) => return self.database_failed(&e),
@@ -202,22 +231,30 @@ impl Scheduler {
         self.interval.is_zero()
     }
 
+    /// The messages this instance still answers for (with a worker, or an outcome not yet
+    /// written): crash recovery leaves them alone, and returns every other abandoned row, even
+    /// one claimed by this instance whose claim's answer was lost.
+    fn held(&self) -> Vec<i64> {
+        self.in_flight
+            .iter()
+            .copied()
+            .chain(self.outcomes_pending.ids())
+            .collect()
+    }
+
     fn dispatch(&mut self, claimed: Vec<Claimed>, epoch: Option<i64>, now: Instant) {
         let batch = self.outcomes_pending.open_batch(epoch, claimed.len(), now);
         let not_after = now + self.max_processing_time;
         for message in claimed {
-            self.in_flight += 1;
+            let id = message.id;
             // The channel holds max_in_flight jobs, so this never blocks.
-            if self
-                .jobs
-                .send(Job {
-                    message,
-                    batch,
-                    not_after,
-                })
-                .is_err()
-            {
-                self.in_flight -= 1;
+            let job = Job {
+                message,
+                batch,
+                not_after,
+            };
+            if self.jobs.send(job).is_ok() {
+                self.in_flight.insert(id);
             }
         }
     }
@@ -253,8 +290,8 @@ impl Scheduler {
         if !self.status.processing_enabled.load(Ordering::Relaxed) {
             return now + cap;
         }
-        let epoch = self.leadership.epoch();
-        match self.store.next_due_in(self.recovery_timeout, epoch) {
+        let held = self.held();
+        match self.store.next_due_in(self.recovery_timeout, &held) {
             Ok(Some(due)) if due.is_zero() => {
                 // Due, yet the claim did not take it: another transaction holds it locked (an
                 // operator's open UPDATE, say). Look again after a growing pause, not at once.
@@ -293,7 +330,7 @@ impl Scheduler {
     /// Ends the backoff as soon as any statement on our connection worked (a claim, a write,
     /// or the lease's epoch check).
     fn notice_database_back(&mut self) {
-        if self.db.failing() && self.store.down_since().is_none() {
+        if self.db.failing() && self.store.last_ok() {
             log::info!("Database available again");
             self.db.succeed();
             self.db_retry_at = None;
@@ -302,7 +339,7 @@ impl Scheduler {
     }
 
     fn take_outcome(&mut self, outcome: Outcome) {
-        self.in_flight = self.in_flight.saturating_sub(1);
+        self.in_flight.remove(&outcome.id);
         self.outcomes_pending.push(outcome);
     }
 
@@ -315,7 +352,7 @@ impl Scheduler {
             return;
         }
         let due = self.outcomes_pending.len() >= self.batch_size as usize
-            || self.in_flight == 0
+            || self.in_flight.is_empty()
             || now >= by;
         if due {
             self.flush();
@@ -342,15 +379,10 @@ impl Scheduler {
         // While PostgreSQL is failing, claims and writes wait for the backoff.
         let db_ready = self.db_retry_at.unwrap_or(now);
         if self.leadership.leading()
-            && self.in_flight + (self.batch_size as usize) <= self.max_in_flight
+            && self.in_flight.len() + (self.batch_size as usize) <= self.max_in_flight
         {
-            // An open circuit or a receiver's pause holds claims until the next probe or the
-            // end of the pause.
-            let webhook_ready = self
-                .circuit
-                .claims_allowed(self.batch_size)
-                .err()
-                .unwrap_or(now);
+            // An open circuit, a receiver's pause or the rate limit holds claims back.
+            let webhook_ready = self.webhook_room(now).err().unwrap_or(now);
             until = until.min(self.next_claim.max(db_ready).max(webhook_ready));
         }
         if let Some(by) = self.outcomes_pending.flush_by() {
@@ -414,7 +446,7 @@ impl Scheduler {
         let stop_by = started + self.max_processing_time + self.webhook_timeout;
         // Queued jobs come back unsent at once; running requests end within their timeout.
         let requests_end = (started + self.webhook_timeout + OUTCOME_SLACK).min(stop_by);
-        while self.in_flight > 0 {
+        while !self.in_flight.is_empty() {
             let left = requests_end.saturating_duration_since(Instant::now());
             match self.outcomes.recv_timeout(left) {
                 Ok(outcome) => self.take_outcome(outcome),
@@ -430,9 +462,9 @@ impl Scheduler {
                 );
             }
         }
-        if self.in_flight > 0 || !self.outcomes_pending.is_empty() {
+        if !self.in_flight.is_empty() || !self.outcomes_pending.is_empty() {
             log::warn!(
-                in_flight = self.in_flight, unrecorded = self.outcomes_pending.len();
+                in_flight = self.in_flight.len(), unrecorded = self.outcomes_pending.len();
                 "Stopping with messages still in flight; they return to pending after the recovery timeout"
             );
         }

@@ -95,7 +95,7 @@ SET status = CASE WHEN attempts >= $4 THEN 'failed' ELSE 'pending' END,
     updated_at = now()
 WHERE status = 'sending'
   AND claimed_at < now() - $1::bigint * interval '1 millisecond'
-  AND NOT (claimed_by = $2 AND claimed_epoch IS NOT DISTINCT FROM $3)
+  AND NOT (id = ANY($2::bigint[]))
   AND EXISTS (SELECT 1 FROM fence)";
 
 /// The attempt-history columns of one outcome write.
@@ -157,6 +157,8 @@ pub struct Store {
     /// Since when every statement has failed for a reason other than its data; any success
     /// ends the outage.
     down_since: Option<Instant>,
+    /// Whether the last statement worked.
+    last_ok: bool,
 }
 
 struct Connection {
@@ -175,12 +177,18 @@ impl Store {
             instance_id: instance_id.to_owned(),
             conn: None,
             down_since: None,
+            last_ok: true,
         }
     }
 
     /// When the current database outage began, as seen by this connection's statements.
     pub fn down_since(&self) -> Option<Instant> {
         self.down_since
+    }
+
+    /// Whether the last statement on this connection worked.
+    pub fn last_ok(&self) -> bool {
+        self.last_ok
     }
 
     /// A plain client for a connection with a special purpose (LISTEN), named
@@ -196,6 +204,7 @@ impl Store {
         f: impl FnOnce(&mut Connection) -> Result<T, postgres::Error>,
     ) -> Result<T, Error> {
         let result = self.run(f);
+        self.last_ok = result.is_ok();
         match &result {
             Ok(_) => self.down_since = None,
             Err(e) if e.is_data_error() => {}
@@ -335,22 +344,19 @@ impl Store {
         })
     }
 
-    /// Returns to `pending` rows left `sending` longer than `timeout` by anyone but this
-    /// instance's current epoch; those whose claim was their last allowed attempt (the request
-    /// may have been made) end `failed` instead. Returns how many.
+    /// Returns to `pending` rows left `sending` longer than `timeout`, except the ones this
+    /// instance still `held`; those whose claim was their last allowed attempt (the request may
+    /// have been made) end `failed` instead. Returns how many.
     pub fn recover_abandoned(
         &mut self,
         timeout: Duration,
+        held: &[i64],
         epoch: Option<i64>,
         max_attempts: u32,
     ) -> Result<u64, Error> {
-        let instance = self.instance_id.clone();
         let ms = timeout.as_millis() as i64;
         let max = max_attempts as i32;
-        self.with(|c| {
-            c.client
-                .execute(&c.recover, &[&ms, &instance, &epoch, &max])
-        })
+        self.with(|c| c.client.execute(&c.recover, &[&ms, &held, &epoch, &max]))
     }
 
     /// Starts a new leadership epoch held by this instance, but only while its lease cannot have
@@ -418,9 +424,8 @@ impl Store {
     pub fn next_due_in(
         &mut self,
         recovery_timeout: Duration,
-        epoch: Option<i64>,
+        held: &[i64],
     ) -> Result<Option<Duration>, Error> {
-        let instance = self.instance_id.clone();
         let ms = recovery_timeout.as_millis() as i64;
         let secs: Option<f64> = self.with(|c| {
             c.client
@@ -428,15 +433,18 @@ impl Store {
                     "SELECT EXTRACT(EPOCH FROM (LEAST(
                          (SELECT min(next_attempt_at) FROM messages WHERE status = 'pending'),
                          (SELECT min(claimed_at) FROM messages
-                          WHERE status = 'sending'
-                            AND NOT (claimed_by = $2 AND claimed_epoch IS NOT DISTINCT FROM $3))
+                          WHERE status = 'sending' AND NOT (id = ANY($2::bigint[])))
                            + $1::bigint * interval '1 millisecond'
                      ) - now()))::float8",
-                    &[&ms, &instance, &epoch],
+                    &[&ms, &held],
                 )
                 .map(|r| r.get(0))
         })?;
-        Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
+        // Far away (or `infinity`, which PostgreSQL 17 turns into an infinite number): at
+        // least a day, which any caller caps anyway.
+        Ok(secs.map(|s| {
+            Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::from_secs(86_400))
+        }))
     }
 
     pub fn insert_message(&mut self, recipient: &str, content: &str) -> Result<i64, Error> {

@@ -73,7 +73,11 @@ impl Worker {
             return UNSENT;
         }
         if let Some(limit) = &self.rate_limit {
-            if !limit.wait(job.not_after) {
+            // The wait may be long: look at the shutdown and the cycle's bound again after it.
+            if !limit.wait(job.not_after, &self.shutdown)
+                || self.shutdown.is_triggered()
+                || Instant::now() >= job.not_after
+            {
                 return UNSENT;
             }
         }

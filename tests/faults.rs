@@ -268,3 +268,32 @@ fn attempt_history_matches_what_the_receiver_saw() {
         .get(0);
     assert_eq!(left, 0);
 }
+
+/// A row this very instance claimed but no longer holds — the claim committed and its answer
+/// was lost on the way back (a timeout, a reset) — is returned by crash recovery like any
+/// other. It was once left `sending` for as long as the instance kept its epoch.
+#[test]
+fn a_claim_whose_answer_was_lost_is_recovered_by_the_same_instance() {
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    let mut env = daemon_env(&db, &receiver.url());
+    set(&mut env, "MAX_PROCESSING_TIME", "1s");
+    set(&mut env, "WEBHOOK_TIMEOUT", "1s");
+    let daemon = Daemon::start(&env);
+    let (_, health) = daemon.health().unwrap();
+    let me = health["instance_id"].as_str().unwrap().to_owned();
+    let id: i64 = db
+        .client()
+        .query_one(
+            "INSERT INTO messages (recipient, content, status, attempts, claimed_by, claimed_at)
+             VALUES ('+905550000000', 'lost claim', 'sending', 1, $1, now())
+             RETURNING id",
+            &[&me],
+        )
+        .unwrap()
+        .get(0);
+    wait_until(LONG, "the message recovered and sent", || {
+        db.row(id).0 == "sent"
+    });
+    assert_eq!(receiver.keys()[&id], 1);
+}

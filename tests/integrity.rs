@@ -472,7 +472,7 @@ fn the_daemons_statements_satisfy_the_constraints() {
     assert_eq!(claimed.len(), 4);
     let newer = b.begin_epoch(soon()).unwrap();
     assert_eq!(
-        b.recover_abandoned(Duration::ZERO, Some(newer), 50)
+        b.recover_abandoned(Duration::ZERO, &[], Some(newer), 50)
             .unwrap(),
         4
     );

@@ -631,7 +631,6 @@ fn a_leader_that_comes_back_starts_with_a_closed_circuit() {
 /// hold fewer than a batch in flight): a claim/return loop against PostgreSQL for as long as
 /// the limit holds.
 #[test]
-#[ignore = "daemon bug (reported): a slow WEBHOOK_RATE_LIMIT makes continuous mode claim and return messages in a loop"]
 fn a_slow_rate_limit_does_not_make_claims_spin() {
     let _serial = serial();
     let db = TestDb::migrated();
