@@ -16,5 +16,14 @@ CREATE TABLE message_attempts (
     error       TEXT,
     instance_id TEXT        NOT NULL,
     epoch       BIGINT,
-    PRIMARY KEY (message_id, attempt)
+    -- A request is known by when it started: probes and "slow down" answers do not advance the
+    -- count (see attempts_free), and a repeated write of the same outcome adds nothing.
+    PRIMARY KEY (message_id, started_at)
 );
+
+-- Requests that do not count toward MAX_ATTEMPTS: the probes of an open circuit breaker and
+-- requests the receiver answered with "slow down" (429, 503 with Retry-After) say nothing about
+-- the message. The daemon gives up after MAX_ATTEMPTS of attempts - attempts_free.
+ALTER TABLE messages
+    ADD COLUMN attempts_free INT NOT NULL DEFAULT 0,
+    ADD CONSTRAINT messages_attempts_free_within CHECK (attempts_free BETWEEN 0 AND attempts);

@@ -13,6 +13,9 @@ pub struct Claimed {
     /// attempt, so that a request is counted even if its outcome is never recorded (a crash, a
     /// fenced write).
     pub attempts: i32,
+    /// Of those, the ones that count toward MAX_ATTEMPTS: not the probes of an open circuit
+    /// nor requests answered "slow down", which say nothing about the message.
+    pub charged: i32,
 }
 
 /// A claimed message on its way to a worker.
@@ -30,8 +33,14 @@ pub struct Job {
 pub enum Delivery {
     /// 2xx: done.
     Sent { remote_id: Option<String> },
-    /// A transient failure: back to `pending`, due again after `delay`.
-    Retry { error: String, delay: Duration },
+    /// A transient failure: back to `pending`, due again after `delay`. `charged` is false
+    /// when the failure says nothing about the message (a failed probe of an open circuit, a
+    /// receiver asking to slow down): the request does not count toward MAX_ATTEMPTS.
+    Retry {
+        error: String,
+        delay: Duration,
+        charged: bool,
+    },
     /// A permanent failure, or the last allowed attempt failed.
     Failed { error: String },
     /// Never sent (lease lost, shutdown, cycle over): back to `pending` as it was.
@@ -43,9 +52,10 @@ impl Delivery {
     pub fn without_receiver_text(&self) -> Delivery {
         match self {
             Delivery::Sent { .. } => Delivery::Sent { remote_id: None },
-            Delivery::Retry { delay, .. } => Delivery::Retry {
+            Delivery::Retry { delay, charged, .. } => Delivery::Retry {
                 error: "answer not storable".into(),
                 delay: *delay,
+                charged: *charged,
             },
             Delivery::Failed { .. } => Delivery::Failed {
                 error: "answer not storable".into(),

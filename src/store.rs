@@ -49,7 +49,7 @@ UPDATE messages AS m
 SET status = 'sending', attempts = m.attempts + 1,
     claimed_epoch = $2, claimed_by = $3, claimed_at = now(), updated_at = now()
 FROM due WHERE m.id = due.id
-RETURNING m.id, m.recipient, m.content, m.attempts";
+RETURNING m.id, m.recipient, m.content, m.attempts, m.attempts - m.attempts_free";
 
 const RECORD: &str = "
 WITH fence AS (
@@ -68,6 +68,7 @@ WITH fence AS (
 UPDATE messages AS m SET
     status = o.status,
     attempts = m.attempts - o.unsent,
+    attempts_free = m.attempts_free + o.free,
     sent_at = CASE WHEN o.status = 'sent' THEN now() ELSE m.sent_at END,
     last_error = COALESCE(o.error, m.last_error),
     remote_message_id = COALESCE(o.remote_id, m.remote_message_id),
@@ -76,8 +77,9 @@ UPDATE messages AS m SET
                            ELSE m.next_attempt_at END,
     claimed_epoch = NULL, claimed_by = NULL, claimed_at = NULL,
     updated_at = now()
-FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::text[], $6::bigint[])
-         AS o(id, status, unsent, error, remote_id, delay_ms)
+FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::text[], $6::bigint[],
+            $15::int[])
+         AS o(id, status, unsent, error, remote_id, delay_ms, free)
 WHERE m.id = o.id AND m.status = 'sending'
   AND m.claimed_epoch IS NOT DISTINCT FROM $7 AND m.claimed_by = $8
   AND EXISTS (SELECT 1 FROM fence)";
@@ -87,8 +89,8 @@ WITH fence AS (
     SELECT 1 FROM dispatcher_state WHERE $3::bigint IS NULL OR epoch = $3 FOR SHARE
 )
 UPDATE messages
-SET status = CASE WHEN attempts >= $4 THEN 'failed' ELSE 'pending' END,
-    last_error = CASE WHEN attempts >= $4
+SET status = CASE WHEN attempts - attempts_free >= $4 THEN 'failed' ELSE 'pending' END,
+    last_error = CASE WHEN attempts - attempts_free >= $4
         THEN 'abandoned in sending state during its last allowed attempt (the receiver may have got it)'
         ELSE last_error END,
     claimed_epoch = NULL, claimed_by = NULL, claimed_at = NULL,
@@ -274,6 +276,7 @@ impl Store {
                 recipient: r.get(1),
                 content: r.get(2),
                 attempts: r.get(3),
+                charged: r.get(4),
             })
             .collect();
         claimed.sort_by_key(|m| m.id);
@@ -295,13 +298,15 @@ impl Store {
         let mut errors: Vec<Option<Cow<str>>> = Vec::with_capacity(n);
         let mut remote_ids: Vec<Option<Cow<str>>> = Vec::with_capacity(n);
         let mut delays = Vec::with_capacity(n);
+        let mut free = Vec::with_capacity(n);
         let mut history = History::with_capacity(n);
         for (id, delivery, attempt) in outcomes {
             ids.push(id);
-            // The claim counted the attempt; a message that was never sent gives it back.
+            // The claim counted the attempt; a message that was never sent gives it back, and
+            // one whose request said nothing about it keeps it free of MAX_ATTEMPTS.
             let (status, returned, error, remote, delay) = match delivery {
                 Delivery::Sent { remote_id } => ("sent", 0, None, remote_id.as_deref(), 0),
-                Delivery::Retry { error, delay } => (
+                Delivery::Retry { error, delay, .. } => (
                     "pending",
                     0,
                     Some(error.as_str()),
@@ -314,6 +319,10 @@ impl Store {
             if let Some(attempt) = attempt {
                 history.push(id, attempt, error.map(storable));
             }
+            free.push(i32::from(matches!(
+                delivery,
+                Delivery::Retry { charged: false, .. }
+            )));
             statuses.push(status);
             unsent.push(returned);
             errors.push(error.map(storable));
@@ -339,6 +348,7 @@ impl Store {
                     &history.duration_ms,
                     &history.status_codes,
                     &history.errors,
+                    &free,
                 ],
             )
         })

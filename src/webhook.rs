@@ -76,8 +76,9 @@ impl Webhook {
         }
     }
 
-    /// Makes one request for `message`.
-    pub fn deliver(&self, message: &Claimed) -> Attempted {
+    /// Makes one request for `message`; `probe` when it tests an open circuit (its failure
+    /// does not count toward MAX_ATTEMPTS).
+    pub fn deliver(&self, message: &Claimed, probe: bool) -> Attempted {
         let body = serde_json::to_vec(&Body {
             to: &message.recipient,
             content: &message.content,
@@ -118,13 +119,14 @@ impl Webhook {
         };
         Attempted {
             health: answer.health(),
-            delivery: self.decide(message, answer),
+            delivery: self.decide(message, answer, probe),
             status,
         }
     }
 
-    /// Turns an answer into a delivery, giving up once MAX_ATTEMPTS requests were made.
-    fn decide(&self, message: &Claimed, answer: Answer) -> Delivery {
+    /// Turns an answer into a delivery, giving up once MAX_ATTEMPTS requests that count were
+    /// made.
+    fn decide(&self, message: &Claimed, answer: Answer, probe: bool) -> Delivery {
         match answer {
             Answer::Delivered { remote_id } => Delivery::Sent { remote_id },
             Answer::Permanent { error } => Delivery::Failed { error },
@@ -135,16 +137,30 @@ impl Webhook {
                 delay: retry_after
                     .unwrap_or(crate::circuit::SLOW_DOWN_DEFAULT)
                     .min(self.retry_max),
+                charged: false,
             },
             Answer::Transient { error } => {
-                let attempts_made = message.attempts.max(1) as u32;
-                if attempts_made >= self.max_attempts {
-                    return Delivery::Failed {
-                        error: format!("{error} (gave up after {attempts_made} attempts)"),
+                let charged = message.charged.max(1) as u32;
+                if probe {
+                    // The receiver is still down: the message waits like any other.
+                    let delay = backoff::delay(self.retry_base, self.retry_max, charged);
+                    return Delivery::Retry {
+                        error,
+                        delay,
+                        charged: false,
                     };
                 }
-                let delay = backoff::delay(self.retry_base, self.retry_max, attempts_made);
-                Delivery::Retry { error, delay }
+                if charged >= self.max_attempts {
+                    return Delivery::Failed {
+                        error: format!("{error} (gave up after {charged} attempts)"),
+                    };
+                }
+                let delay = backoff::delay(self.retry_base, self.retry_max, charged);
+                Delivery::Retry {
+                    error,
+                    delay,
+                    charged: true,
+                }
             }
         }
     }

@@ -90,7 +90,9 @@ impl Worker {
             return UNSENT;
         };
         let (started_at, started) = (SystemTime::now(), Instant::now());
-        let result = self.webhook.deliver(&job.message);
+        let result = self
+            .webhook
+            .deliver(&job.message, admission == Admission::Probe);
         let duration = started.elapsed();
         self.metrics.observe_delivery(&result.delivery, duration);
         let error = match &result.delivery {
@@ -113,7 +115,7 @@ fn log_delivery(job: &Job, delivery: &Delivery) {
     let id = job.message.id;
     match delivery {
         Delivery::Sent { .. } => log::trace!(id = id; "Message sent"),
-        Delivery::Retry { error, delay } => log::debug!(
+        Delivery::Retry { error, delay, .. } => log::debug!(
             id = id, error = error.as_str(), retry_in = crate::config::fmt_duration(*delay).as_str();
             "Message delivery failed, will retry"
         ),

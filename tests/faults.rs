@@ -297,3 +297,65 @@ fn a_claim_whose_answer_was_lost_is_recovered_by_the_same_instance() {
     });
     assert_eq!(receiver.keys()[&id], 1);
 }
+
+/// The probes of an open circuit say nothing about their message: a failed probe must not make
+/// it `failed`, even at MAX_ATTEMPTS. They once counted, so a long enough outage failed
+/// messages one probe at a time.
+#[test]
+fn failed_probes_of_an_open_circuit_make_nothing_failed() {
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    receiver.respond_with(|_, _| Answer::status(500));
+    let mut env = daemon_env(&db, &receiver.url());
+    set(&mut env, "MAX_ATTEMPTS", "1");
+    set(&mut env, "WEBHOOK_CIRCUIT_THRESHOLD", "2");
+    set(&mut env, "WORKER_COUNT", "1");
+    set(&mut env, "BATCH_SIZE", "4");
+    db.insert(4);
+    let daemon = Daemon::start(&env);
+    daemon.wait_log("Webhook circuit opened", LONG);
+    wait_until(LONG, "two failed probes", || {
+        daemon
+            .log_lines("Webhook probe failed, circuit stays open")
+            .len()
+            >= 2
+    });
+    // The two requests before the circuit opened were the messages' one allowed attempt.
+    assert_eq!(
+        db.count("failed"),
+        2,
+        "only the requests before the circuit opened"
+    );
+    receiver.respond_with(|_, _| Answer::accepted());
+    wait_until(LONG, "the rest sent once the receiver is back", || {
+        db.count("sent") == 2
+    });
+    assert_eq!(db.count("failed"), 2);
+    daemon.wait_log("Webhook circuit closed", LONG);
+}
+
+/// "Slow down" answers say nothing about the message either: five 429s and two 500s with
+/// MAX_ATTEMPTS=3 still end `sent`, with every request in `attempts` and the five throttled
+/// ones free of the limit.
+#[test]
+fn slow_down_answers_do_not_use_up_max_attempts() {
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    receiver.respond_with(|_, before| match before {
+        0..=4 => Answer::status(429).header("Retry-After", "0"),
+        5 | 6 => Answer::status(500),
+        _ => Answer::accepted(),
+    });
+    let mut env = daemon_env(&db, &receiver.url());
+    set(&mut env, "MAX_ATTEMPTS", "3");
+    let id = db.insert(1)[0];
+    let _daemon = Daemon::start(&env);
+    wait_until(LONG, "the message sent", || db.count("sent") == 1);
+    let free: i32 = db
+        .client()
+        .query_one("SELECT attempts_free FROM messages WHERE id = $1", &[&id])
+        .unwrap()
+        .get(0);
+    assert_eq!((db.row(id).1, free), (8, 5));
+    assert_eq!(receiver.count(), 8);
+}

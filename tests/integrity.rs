@@ -428,6 +428,7 @@ fn the_daemons_statements_satisfy_the_constraints() {
         Delivery::Retry {
             error: "HTTP 503".into(),
             delay: Duration::ZERO,
+            charged: true,
         },
         Delivery::Failed {
             error: "HTTP 400".into(),

@@ -440,11 +440,15 @@ fn bare_loop(url: &str, workers: u32, secs: f64, sender: Sender) -> Result<f64> 
                     recipient: RECIPIENT.into(),
                     content: CONTENT.into(),
                     attempts: 0,
+                    charged: 0,
                 };
                 while Instant::now() < deadline && !failed.load(Ordering::Relaxed) {
                     let ok = match sender {
                         Sender::Deliver => {
-                            matches!(webhook.deliver(&message).delivery, Delivery::Sent { .. })
+                            matches!(
+                                webhook.deliver(&message, false).delivery,
+                                Delivery::Sent { .. }
+                            )
                         }
                         Sender::RawUreq => agent
                             .post(&url)
