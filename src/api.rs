@@ -536,7 +536,7 @@ impl Backend {
             }
             Job::Enqueue { recipient, content } => self
                 .store
-                .insert_message(&recipient, &content)
+                .insert_message(&recipient, &content, None)
                 .map(|id| Reply::json(201, &json!({ "id": id }))),
         };
         result.unwrap_or_else(unavailable)

@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::clock::BootInstant;
+
 /// A message claimed from the table (status now `sending`).
 #[derive(Clone, Debug)]
 pub struct Claimed {
@@ -13,6 +15,18 @@ pub struct Claimed {
     /// attempt, so that a request is counted even if its outcome is never recorded (a crash, a
     /// fenced write).
     pub attempts: i32,
+    /// No request for it starts at or after this moment: its `expires_at`, as the time left
+    /// when PostgreSQL claimed it, counted from just before the claim on the lease clock (so
+    /// a wrong wall clock on either host, or a suspended machine, cannot make it late). None =
+    /// it never expires.
+    pub expires: Option<BootInstant>,
+}
+
+impl Claimed {
+    /// True once the message may no longer be sent.
+    pub fn expired(&self) -> bool {
+        self.expires.is_some_and(|at| BootInstant::now() >= at)
+    }
 }
 
 /// A claimed message on its way to a worker.
@@ -36,6 +50,9 @@ pub enum Delivery {
     Failed { error: String },
     /// Never sent (lease lost, shutdown, cycle over): back to `pending` as it was.
     Unsent,
+    /// Never sent: its `expires_at` passed before the request could start. Recorded `expired`,
+    /// with the attempt the claim counted given back.
+    Expired,
 }
 
 impl Delivery {
@@ -51,6 +68,7 @@ impl Delivery {
                 error: "answer not storable".into(),
             },
             Delivery::Unsent => Delivery::Unsent,
+            Delivery::Expired => Delivery::Expired,
         }
     }
 }
