@@ -20,13 +20,33 @@ ALTER TABLE dispatcher_state
     ADD CONSTRAINT dispatcher_state_message_ttl_positive CHECK (message_ttl > interval '0');
 
 -- A row inserted without `expires_at` (or with NULL) expires MESSAGE_TTL after its created_at.
--- To exempt one message from the TTL, insert it with expires_at = 'infinity'. The trigger only
--- runs for rows without an expiry (WHEN clause) and reads the one-row state table once per row.
+-- To exempt one message from the TTL, insert it with expires_at = 'infinity'.
+--
+-- Cheap on bulk inserts: a statement-level trigger reads the state row once per INSERT (or COPY)
+-- statement into a transaction-local setting, and the row trigger, which only fires for rows
+-- without an expiry while a TTL is set (its WHEN clause), adds it with no query of its own.
+-- (Reading the state row in the row trigger instead made a 20,000-row insert about twice as slow.)
+CREATE FUNCTION messages_load_ttl() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('message_dispatcher.message_ttl_us',
+                       COALESCE((SELECT (EXTRACT(EPOCH FROM message_ttl) * 1000000)::bigint::text
+                                 FROM dispatcher_state), ''),
+                       true);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER messages_load_ttl BEFORE INSERT ON messages
+    FOR EACH STATEMENT EXECUTE FUNCTION messages_load_ttl();
+
 CREATE FUNCTION messages_default_expiry() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    NEW.expires_at := NEW.created_at + (SELECT message_ttl FROM dispatcher_state);
+    NEW.expires_at := NEW.created_at
+        + current_setting('message_dispatcher.message_ttl_us')::bigint * interval '1 microsecond';
     RETURN NEW;
 END
 $$;
 CREATE TRIGGER messages_default_expiry BEFORE INSERT ON messages
-    FOR EACH ROW WHEN (NEW.expires_at IS NULL) EXECUTE FUNCTION messages_default_expiry();
+    FOR EACH ROW
+    WHEN (NEW.expires_at IS NULL
+          AND current_setting('message_dispatcher.message_ttl_us', true) <> '')
+    EXECUTE FUNCTION messages_default_expiry();

@@ -309,10 +309,39 @@ fn the_ttl_trigger_fills_in_expires_at_for_any_insert() {
     assert_eq!(with_ttl, 4);
     let id = store.insert_message("+1", "api", None).unwrap();
     assert_eq!(ttl_of(&mut c, id), Some(90.0));
+    // COPY too.
+    let mut writer = c
+        .copy_in("COPY messages (recipient, content) FROM STDIN")
+        .unwrap();
+    std::io::Write::write_all(&mut writer, b"+2\tcopied\n").unwrap();
+    writer.finish().unwrap();
+    let copied: i64 = c
+        .query_one("SELECT id FROM messages WHERE content = 'copied'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(ttl_of(&mut c, copied), Some(90.0));
 
+    // A new value applies from the next statement on, in a session that inserted before.
+    let insert = "INSERT INTO messages (recipient, content) VALUES ('+3', 'x') RETURNING id";
+    assert_eq!(
+        store
+            .set_message_ttl(Some(Duration::from_millis(1500)))
+            .unwrap(),
+        Some(Duration::from_secs(90))
+    );
+    let id: i64 = c.query_one(insert, &[]).unwrap().get(0);
+    assert_eq!(ttl_of(&mut c, id), Some(1.5));
     assert_eq!(
         store.set_message_ttl(None).unwrap(),
-        Some(Duration::from_secs(90))
+        Some(Duration::from_millis(1500))
+    );
+    let mut tx = c.transaction().unwrap();
+    let first: i64 = tx.query_one(insert, &[]).unwrap().get(0);
+    let second: i64 = tx.query_one(insert, &[]).unwrap().get(0);
+    tx.commit().unwrap();
+    assert_eq!(
+        (ttl_of(&mut c, first), ttl_of(&mut c, second)),
+        (None, None)
     );
     let plain = db.insert(1)[0];
     assert_eq!(ttl_of(&mut c, plain), None);
