@@ -290,7 +290,7 @@ enum Job {
     Metrics,
     Switch(bool),
     Sent { limit: u32, before: Option<i64> },
-    Enqueue { recipient: String, content: String },
+    Enqueue(NewMessage),
 }
 
 /// An answer, built without touching the socket.
@@ -393,9 +393,9 @@ impl Front {
             Endpoint::Enqueue => {
                 self.authorize(request)?;
                 let body = read_body(request)?;
-                let (recipient, content) =
+                let message =
                     parse_new_message(&body, self.content_max_length).map_err(|msg| bad(&msg))?;
-                self.run(Job::Enqueue { recipient, content })
+                self.run(Job::Enqueue(message))
             }
         }
     }
@@ -534,9 +534,9 @@ impl Backend {
                     Reply::json(200, &json!({ "messages": messages, "next": next }))
                 })
             }
-            Job::Enqueue { recipient, content } => self
+            Job::Enqueue(m) => self
                 .store
-                .insert_message(&recipient, &content)
+                .insert_message(&m.recipient, &m.content, m.expires_at)
                 .map(|id| Reply::json(201, &json!({ "id": id }))),
         };
         result.unwrap_or_else(unavailable)
@@ -634,8 +634,18 @@ pub fn parse_sent_query(query: &str) -> Result<(u32, Option<i64>), String> {
     Ok((limit, before))
 }
 
+/// A valid `POST /messages` body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NewMessage {
+    pub recipient: String,
+    pub content: String,
+    /// None (absent or null): MESSAGE_TTL applies, if set. A time already past is accepted,
+    /// as an INSERT would be: the message expires at the next claim without being sent.
+    pub expires_at: Option<std::time::SystemTime>,
+}
+
 /// Validates a `POST /messages` body; the error names the field.
-pub fn parse_new_message(body: &[u8], content_max: usize) -> Result<(String, String), String> {
+pub fn parse_new_message(body: &[u8], content_max: usize) -> Result<NewMessage, String> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| format!("body: not valid JSON ({e})"))?;
     let Value::Object(fields) = value else {
@@ -643,7 +653,7 @@ pub fn parse_new_message(body: &[u8], content_max: usize) -> Result<(String, Str
     };
     if let Some(unknown) = fields
         .keys()
-        .find(|k| !matches!(k.as_str(), "recipient" | "content"))
+        .find(|k| !matches!(k.as_str(), "recipient" | "content" | "expires_at"))
     {
         return Err(format!("{unknown}: unknown field"));
     }
@@ -675,7 +685,18 @@ pub fn parse_new_message(body: &[u8], content_max: usize) -> Result<(String, Str
     if content.contains('\0') {
         return Err("content: must not contain NUL characters".into());
     }
-    Ok((recipient, content))
+    let expires_at = match fields.get("expires_at") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => {
+            Some(crate::timestamp::parse_rfc3339(s).map_err(|e| format!("expires_at: {e}"))?)
+        }
+        Some(_) => return Err("expires_at: expected an RFC 3339 date-time string".into()),
+    };
+    Ok(NewMessage {
+        recipient,
+        content,
+        expires_at,
+    })
 }
 
 /// Reads the body up to [`MAX_BODY`]; a larger one is refused without reading the rest (at once
@@ -724,9 +745,39 @@ mod tests {
 
     #[test]
     fn valid_message() {
-        let (r, c) =
+        let m =
             parse_new_message(br#"{"recipient":"+905551111111","content":"hello"}"#, 160).unwrap();
-        assert_eq!((r.as_str(), c.as_str()), ("+905551111111", "hello"));
+        assert_eq!(
+            (m.recipient.as_str(), m.content.as_str(), m.expires_at),
+            ("+905551111111", "hello", None)
+        );
+    }
+
+    #[test]
+    fn expires_at_is_an_optional_rfc3339_time() {
+        let parse = |body: &str| parse_new_message(body.as_bytes(), 160);
+        let m =
+            parse(r#"{"recipient":"a","content":"x","expires_at":"2026-11-25T17:30:00+03:00"}"#)
+                .unwrap();
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_617_000);
+        assert_eq!(m.expires_at, Some(at));
+        let m = parse(r#"{"recipient":"a","content":"x","expires_at":null}"#).unwrap();
+        assert_eq!(m.expires_at, None);
+        // In the past is valid: the message expires unsent, as with SQL.
+        let m = parse(r#"{"recipient":"a","content":"x","expires_at":"2000-01-01T00:00:00Z"}"#)
+            .unwrap();
+        assert!(m.expires_at.is_some());
+        for bad in [
+            r#""tomorrow""#,
+            r#""2026-11-25T14:30:00""#,
+            r#""2026-02-30T00:00:00Z""#,
+            "1795617000",
+            "true",
+            "{}",
+        ] {
+            let body = format!(r#"{{"recipient":"a","content":"x","expires_at":{bad}}}"#);
+            assert_eq!(field_of(&body), "expires_at", "{bad}");
+        }
     }
 
     #[test]
@@ -764,8 +815,8 @@ mod tests {
             .expect("valid UTF-8");
         assert_eq!(recipient, "\u{7b2}ƖƳړ");
         let body = serde_json::json!({ "recipient": recipient, "content": "x" }).to_string();
-        let (r, c) = parse_new_message(body.as_bytes(), 160).unwrap();
-        assert_eq!((r.as_str(), c.as_str()), (recipient, "x"));
+        let m = parse_new_message(body.as_bytes(), 160).unwrap();
+        assert_eq!((m.recipient.as_str(), m.content.as_str()), (recipient, "x"));
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub struct Config {
     pub retry_base_delay: Duration,
     pub retry_max_delay: Duration,
     pub content_max_length: usize,
+    /// MESSAGE_TTL: a message inserted without `expires_at` expires this long after it was
+    /// created; None = never. Stored in PostgreSQL at start, for the insert trigger.
+    pub message_ttl: Option<Duration>,
     pub lock_enabled: bool,
     pub lock_ttl: Duration,
     pub lock_key: String,
@@ -96,6 +99,7 @@ pub const VARIABLES: &[&str] = &[
     "RETRY_BASE_DELAY",
     "RETRY_MAX_DELAY",
     "CONTENT_MAX_LENGTH",
+    "MESSAGE_TTL",
     "DISTRIBUTED_LOCK_ENABLED",
     "DISTRIBUTED_LOCK_TTL",
     "DISTRIBUTED_LOCK_KEY",
@@ -137,6 +141,7 @@ impl Config {
             retry_base_delay: env.duration("RETRY_BASE_DELAY", DEFAULT_RETRY_BASE_DELAY, false)?,
             retry_max_delay: env.duration("RETRY_MAX_DELAY", "10m", false)?,
             content_max_length: env.parse_num("CONTENT_MAX_LENGTH", 160, 1, 1_000_000)? as usize,
+            message_ttl: message_ttl(&env)?,
             lock_enabled: env.boolean("DISTRIBUTED_LOCK_ENABLED", false)?,
             lock_ttl: env.duration("DISTRIBUTED_LOCK_TTL", "3m", false)?,
             lock_key: env
@@ -245,7 +250,7 @@ impl fmt::Display for Config {
             .as_ref()
             .map_or("<unset>".to_owned(), |u| redact_url(u.as_str()));
         let pg = self.postgres().ok();
-        let lines: [(&str, String); 31] = [
+        let lines: [(&str, String); 32] = [
             ("DATABASE_URL", redact_url(&self.database_url)),
             ("DB_SSL_ROOT_CERT", path_or_unset(&self.db_ssl_root_cert)),
             (
@@ -298,6 +303,10 @@ impl fmt::Display for Config {
             ("RETRY_BASE_DELAY", fmt_duration(self.retry_base_delay)),
             ("RETRY_MAX_DELAY", fmt_duration(self.retry_max_delay)),
             ("CONTENT_MAX_LENGTH", self.content_max_length.to_string()),
+            (
+                "MESSAGE_TTL",
+                self.message_ttl.map_or("<unset>".into(), fmt_duration),
+            ),
             ("DISTRIBUTED_LOCK_ENABLED", self.lock_enabled.to_string()),
             ("DISTRIBUTED_LOCK_TTL", fmt_duration(self.lock_ttl)),
             ("DISTRIBUTED_LOCK_KEY", self.lock_key.clone()),
@@ -417,6 +426,23 @@ impl Env<'_> {
             ))),
         }
     }
+}
+
+/// The longest MESSAGE_TTL: far beyond any use, and `created_at + ttl` stays a valid timestamp.
+const MESSAGE_TTL_MAX: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
+fn message_ttl(env: &Env) -> Result<Option<Duration>, Error> {
+    if env.get("MESSAGE_TTL").is_none() {
+        return Ok(None);
+    }
+    let ttl = env.duration("MESSAGE_TTL", "0", false)?;
+    if ttl < Duration::from_millis(1) || ttl > MESSAGE_TTL_MAX {
+        return Err(Error::Config(format!(
+            "MESSAGE_TTL: expected a duration from 1ms to 10 years (unset = never expire), got {}",
+            fmt_duration(ttl)
+        )));
+    }
+    Ok(Some(ttl))
 }
 
 fn rate_limit(env: &Env) -> Result<Option<f64>, Error> {
@@ -607,6 +633,7 @@ mod tests {
         assert_eq!(c.log_level, log::LevelFilter::Info);
         assert_eq!(c.log_format, LogFormat::Json);
         assert!(c.webhook_url.is_none() && c.webhook_secret.is_none() && c.api_token.is_none());
+        assert_eq!(c.message_ttl, None);
     }
 
     #[test]
@@ -672,6 +699,11 @@ mod tests {
             ("WEBHOOK_RATE_LIMIT", "-5"),
             ("WEBHOOK_RATE_LIMIT", "fast"),
             ("WEBHOOK_RATE_LIMIT", "NaN"),
+            ("MESSAGE_TTL", "0"),
+            ("MESSAGE_TTL", "5"),
+            ("MESSAGE_TTL", "soon"),
+            ("MESSAGE_TTL", "500us"),
+            ("MESSAGE_TTL", "11years"),
         ] {
             let msg = error_of(&[(name, value)]);
             assert!(
@@ -688,6 +720,18 @@ mod tests {
             let c = parse(&[("WEBHOOK_RATE_LIMIT", raw)]).unwrap();
             assert_eq!(c.webhook_rate_limit, Some(rate), "{raw}");
         }
+    }
+
+    #[test]
+    fn message_ttl_is_a_duration_and_unset_means_never() {
+        assert_eq!(parse(&[("MESSAGE_TTL", "")]).unwrap().message_ttl, None);
+        let c = parse(&[("MESSAGE_TTL", "5m")]).unwrap();
+        assert_eq!(c.message_ttl, Some(Duration::from_secs(300)));
+        assert!(c.to_string().contains("MESSAGE_TTL=5m\n"), "{c}");
+        assert!(parse(&[])
+            .unwrap()
+            .to_string()
+            .contains("MESSAGE_TTL=<unset>\n"));
     }
 
     #[test]

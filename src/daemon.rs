@@ -37,6 +37,7 @@ pub fn serve(config: &Config) -> Result<(), Error> {
     let instance_id = new_instance_id();
     let mut store = Store::new(config.postgres()?, &instance_id);
     migrate(&mut store)?;
+    store_message_ttl(&mut store, config.message_ttl)?;
 
     let metrics = Arc::new(Metrics::new());
     let leadership = Leadership::new(config, &instance_id, metrics.clone())?;
@@ -133,6 +134,30 @@ pub fn serve(config: &Config) -> Result<(), Error> {
     }
     api.stop(stop_by);
     log::info!("Message dispatcher stopped");
+    Ok(())
+}
+
+/// Stores MESSAGE_TTL for the insert trigger: it is cluster-wide, so the last instance to start
+/// sets it for all; a different value replaced is worth a warning.
+fn store_message_ttl(store: &mut Store, ttl: Option<std::time::Duration>) -> Result<(), Error> {
+    let shown = |ttl: Option<std::time::Duration>| ttl.map_or("<unset>".into(), fmt_duration);
+    let before = store.set_message_ttl(ttl)?;
+    // PostgreSQL keeps microseconds.
+    let micros = |ttl: Option<std::time::Duration>| ttl.map(|d| d.as_micros());
+    if micros(before) != micros(ttl) {
+        let was_unset = before.is_none();
+        let (before, now) = (shown(before), shown(ttl));
+        let msg =
+            "MESSAGE_TTL changed for every instance: rows inserted from now on get the new value";
+        if was_unset {
+            log::info!(before = before.as_str(), now = now.as_str(); "{msg}");
+        } else {
+            // Another instance (or an earlier start) had another value: instances disagree.
+            log::warn!(before = before.as_str(), now = now.as_str(); "{msg}");
+        }
+    } else {
+        log::debug!(ttl = shown(ttl).as_str(); "MESSAGE_TTL unchanged");
+    }
     Ok(())
 }
 

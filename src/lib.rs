@@ -22,5 +22,6 @@ pub mod scheduler;
 pub mod shutdown;
 pub mod status;
 pub mod store;
+pub mod timestamp;
 pub mod webhook;
 pub mod worker;

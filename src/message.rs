@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::clock::BootInstant;
+
 /// A message claimed from the table (status now `sending`).
 #[derive(Clone, Debug)]
 pub struct Claimed {
@@ -16,6 +18,18 @@ pub struct Claimed {
     /// Of those, the ones that count toward MAX_ATTEMPTS: not the probes of an open circuit
     /// nor requests answered "slow down", which say nothing about the message.
     pub charged: i32,
+    /// No request for it starts at or after this moment: its `expires_at`, as the time left
+    /// when PostgreSQL claimed it, counted from just before the claim on the lease clock (so
+    /// a wrong wall clock on either host, or a suspended machine, cannot make it late). None =
+    /// it never expires.
+    pub expires: Option<BootInstant>,
+}
+
+impl Claimed {
+    /// True once the message may no longer be sent.
+    pub fn expired(&self) -> bool {
+        self.expires.is_some_and(|at| BootInstant::now() >= at)
+    }
 }
 
 /// A claimed message on its way to a worker.
@@ -45,6 +59,9 @@ pub enum Delivery {
     Failed { error: String },
     /// Never sent (lease lost, shutdown, cycle over): back to `pending` as it was.
     Unsent,
+    /// Never sent: its `expires_at` passed before the request could start. Recorded `expired`,
+    /// with the attempt the claim counted given back.
+    Expired,
 }
 
 impl Delivery {
@@ -61,6 +78,7 @@ impl Delivery {
                 error: "answer not storable".into(),
             },
             Delivery::Unsent => Delivery::Unsent,
+            Delivery::Expired => Delivery::Expired,
         }
     }
 }

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub retried: Counter,
     pub returned: Counter,
     pub recovered: Counter,
+    pub expired: Counter,
     pub webhook_latency: Histogram,
     pub batch_duration: Histogram,
     pub queue_depth: Family<Vec<(String, String)>, Gauge>,
@@ -62,6 +63,7 @@ impl Metrics {
             retried: Counter::default(),
             returned: Counter::default(),
             recovered: Counter::default(),
+            expired: Counter::default(),
             // 1 ms … ~33 s
             webhook_latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             batch_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
@@ -101,6 +103,12 @@ impl Metrics {
             "messages_recovered",
             "Messages recovered from an abandoned `sending` state",
             m.recovered.clone(),
+        );
+        r.register(
+            "messages_expired",
+            "Messages marked expired: past expires_at when claimed or just before the request, \
+             or a retry that would have come after it",
+            m.expired.clone(),
         );
         r.register(
             "webhook_request_duration_seconds",
@@ -192,6 +200,8 @@ impl Metrics {
             Delivery::Retry { .. } => self.retried.inc(),
             Delivery::Failed { .. } => self.failed.inc(),
             Delivery::Unsent => self.returned.inc(),
+            // Never requested: counted when recorded (see `outcomes`).
+            Delivery::Expired => 0,
         };
     }
 

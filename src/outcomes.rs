@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::error::Error;
 use crate::message::{Delivery, Outcome};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{Recorded, Store};
 
 /// Outcomes wait at most this long to be written together with others.
 pub const FLUSH_DELAY: Duration = Duration::from_millis(20);
@@ -26,6 +26,43 @@ pub struct Outcomes {
     batches: HashMap<u64, Batch>,
     next_batch: u64,
     metrics: Arc<Metrics>,
+    /// Messages recorded `expired` by the current flush, by why (see [`ExpiredWhy`]).
+    expired: [u64; 3],
+}
+
+/// Why a recorded outcome ended `expired`.
+#[derive(Clone, Copy)]
+enum ExpiredWhy {
+    /// The worker found it past `expires_at` just before the request.
+    BeforeRequest = 0,
+    /// A retry would have fallen due at or after `expires_at`.
+    InsteadOfRetry = 1,
+    /// Returned unsent (lease lost, shutdown, cycle over) at or after `expires_at`.
+    ReturnedUnsent = 2,
+}
+
+impl ExpiredWhy {
+    const ALL: [ExpiredWhy; 3] = [
+        ExpiredWhy::BeforeRequest,
+        ExpiredWhy::InsteadOfRetry,
+        ExpiredWhy::ReturnedUnsent,
+    ];
+
+    fn of(delivery: &Delivery) -> ExpiredWhy {
+        match delivery {
+            Delivery::Retry { .. } => ExpiredWhy::InsteadOfRetry,
+            Delivery::Unsent => ExpiredWhy::ReturnedUnsent,
+            _ => ExpiredWhy::BeforeRequest,
+        }
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            ExpiredWhy::BeforeRequest => "past expires_at just before the request",
+            ExpiredWhy::InsteadOfRetry => "the next attempt would have come after expires_at",
+            ExpiredWhy::ReturnedUnsent => "past expires_at when returned unsent",
+        }
+    }
 }
 
 /// Bookkeeping for the `Message batch processed` line.
@@ -37,6 +74,7 @@ struct Batch {
     failed: u32,
     retried: u32,
     returned: u32,
+    expired: u32,
 }
 
 impl Outcomes {
@@ -47,6 +85,7 @@ impl Outcomes {
             batches: HashMap::new(),
             next_batch: 1,
             metrics,
+            expired: [0; 3],
         }
     }
 
@@ -64,6 +103,7 @@ impl Outcomes {
                 failed: 0,
                 retried: 0,
                 returned: 0,
+                expired: 0,
             },
         );
         batch
@@ -114,8 +154,8 @@ impl Outcomes {
                 .iter()
                 .map(|o| (o.id, &o.delivery, o.attempt.as_ref()));
             let result = match store.record(epoch, rows) {
-                Ok(written) => {
-                    self.recorded(epoch, written, outcomes, &mut due);
+                Ok(recorded) => {
+                    self.recorded(epoch, recorded, outcomes, &mut due);
                     Ok(())
                 }
                 Err(e) if e.is_data_error() => {
@@ -132,6 +172,7 @@ impl Outcomes {
             };
             failure = result.err();
         }
+        self.log_expired();
         match failure {
             Some(e) => Err(e),
             None => {
@@ -144,10 +185,11 @@ impl Outcomes {
     fn recorded(
         &mut self,
         epoch: Option<i64>,
-        written: u64,
+        recorded: Recorded,
         outcomes: Vec<Outcome>,
         due: &mut Option<Instant>,
     ) {
+        let written = recorded.written;
         if written < outcomes.len() as u64 {
             log::warn!(
                 written = written, given = outcomes.len(), epoch = epoch.unwrap_or(0);
@@ -155,8 +197,21 @@ impl Outcomes {
             );
         }
         for outcome in outcomes {
-            earliest(due, &outcome.delivery);
-            self.count(outcome);
+            let expired = recorded.expired.contains(&outcome.id);
+            if !expired {
+                earliest(due, &outcome.delivery);
+            }
+            self.count(outcome, expired);
+        }
+    }
+
+    /// One `Messages expired` line per reason for what the last flush recorded `expired`.
+    fn log_expired(&mut self) {
+        for why in ExpiredWhy::ALL {
+            let count = std::mem::take(&mut self.expired[why as usize]);
+            if count > 0 {
+                log::info!(count = count, reason = why.reason(); "Messages expired");
+            }
         }
     }
 
@@ -172,29 +227,35 @@ impl Outcomes {
     ) -> Result<(), Error> {
         let mut outcomes = outcomes.into_iter();
         while let Some(outcome) = outcomes.next() {
-            if let Err(e) = self.record_alone(store, epoch, &outcome) {
-                self.buffered.push(outcome);
-                self.buffered.extend(outcomes);
-                return Err(e);
+            let expired = match self.record_alone(store, epoch, &outcome) {
+                Ok(expired) => expired,
+                Err(e) => {
+                    self.buffered.push(outcome);
+                    self.buffered.extend(outcomes);
+                    return Err(e);
+                }
+            };
+            if !expired {
+                earliest(due, &outcome.delivery);
             }
-            earliest(due, &outcome.delivery);
-            self.count(outcome);
+            self.count(outcome, expired);
         }
         Ok(())
     }
 
+    /// Returns whether the message ended `expired`.
     fn record_alone(
         &mut self,
         store: &mut Store,
         epoch: Option<i64>,
         outcome: &Outcome,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let attempt = outcome.attempt.as_ref();
         let refused = match store.record(
             epoch,
             std::iter::once((outcome.id, &outcome.delivery, attempt)),
         ) {
-            Ok(_) => return Ok(()),
+            Ok(recorded) => return Ok(!recorded.expired.is_empty()),
             Err(e) if e.is_data_error() => e,
             Err(e) => return Err(e),
         };
@@ -204,7 +265,7 @@ impl Outcomes {
             "Outcome cannot be stored as received; storing it without the receiver's text"
         );
         match store.record(epoch, std::iter::once((outcome.id, &plain, attempt))) {
-            Ok(_) => Ok(()),
+            Ok(recorded) => Ok(!recorded.expired.is_empty()),
             Err(e) if e.is_data_error() => {
                 // Nothing we add is left to remove: leave the row to crash recovery (which takes
                 // back any row this instance no longer holds) rather than stall every batch.
@@ -212,17 +273,24 @@ impl Outcomes {
                     id = outcome.id, error = e.to_string().as_str();
                     "Outcome cannot be stored; the message returns to pending through crash recovery"
                 );
-                Ok(())
+                Ok(false)
             }
             Err(e) => Err(e),
         }
     }
 
-    fn count(&mut self, outcome: Outcome) {
+    /// Counts a written outcome; `expired` when the row ended `expired` whatever the outcome
+    /// said.
+    fn count(&mut self, outcome: Outcome, expired: bool) {
+        if expired {
+            self.metrics.expired.inc();
+            self.expired[ExpiredWhy::of(&outcome.delivery) as usize] += 1;
+        }
         let Some(batch) = self.batches.get_mut(&outcome.batch) else {
             return;
         };
         match outcome.delivery {
+            _ if expired => batch.expired += 1,
             Delivery::Sent { .. } => batch.sent += 1,
             Delivery::Failed { .. } => batch.failed += 1,
             Delivery::Retry { .. } => batch.retried += 1,
@@ -230,6 +298,8 @@ impl Outcomes {
                 batch.returned += 1;
                 self.metrics.returned.inc();
             }
+            // Recorded `expired` unless the write was fenced off; then it is nothing yet.
+            Delivery::Expired => {}
         }
         batch.remaining -= 1;
         if batch.remaining == 0 {
@@ -238,7 +308,8 @@ impl Outcomes {
             self.metrics.batch_duration.observe(took.as_secs_f64());
             log::debug!(
                 duration = format!("{took:?}").as_str(),
-                sent = batch.sent, failed = batch.failed, retried = batch.retried, returned = batch.returned;
+                sent = batch.sent, failed = batch.failed, retried = batch.retried,
+                returned = batch.returned, expired = batch.expired;
                 "Message batch processed"
             );
         }
@@ -250,7 +321,7 @@ fn earliest(due: &mut Option<Instant>, delivery: &Delivery) {
     let at = match delivery {
         Delivery::Retry { delay, .. } => Instant::now() + *delay,
         Delivery::Unsent => Instant::now(),
-        Delivery::Sent { .. } | Delivery::Failed { .. } => return,
+        Delivery::Sent { .. } | Delivery::Failed { .. } | Delivery::Expired => return,
     };
     *due = Some(due.map_or(at, |d| d.min(at)));
 }

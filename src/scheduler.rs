@@ -25,7 +25,7 @@ use crate::outcomes::Outcomes;
 use crate::rate::RateLimit;
 use crate::shutdown::Shutdown;
 use crate::status::Status;
-use crate::store::Store;
+use crate::store::{Store, EXPIRE_LIMIT};
 
 /// How often abandoned `sending` rows are looked for.
 const RECOVERY_PERIOD: Duration = Duration::from_secs(1);
@@ -207,11 +207,20 @@ impl Scheduler {
             self.next_recovery = now + RECOVERY_PERIOD;
         }
         let limit = self.webhook_room(now).unwrap_or(self.batch_size);
-        let claimed = match self.store.claim(limit, epoch) {
-            Ok(claimed) => claimed,
+        let claim = match self.store.claim(limit, epoch) {
+            Ok(claim) => claim,
             Err(e) => return self.database_failed(&e),
         };
-        let full = claimed.len() == limit as usize;
+        if claim.expired > 0 {
+            self.metrics.expired.inc_by(claim.expired);
+            log::info!(
+                count = claim.expired, reason = "past expires_at while waiting";
+                "Messages expired"
+            );
+        }
+        let claimed = claim.messages;
+        // A full batch, or as many expired rows as one claim marks: more may be waiting.
+        let full = claimed.len() == limit as usize || claim.expired >= u64::from(EXPIRE_LIMIT);
         if claimed.is_empty() {
             self.nothing_claimed();
         } else {

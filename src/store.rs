@@ -21,6 +21,7 @@ use crate::pg::Client;
 const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_messages", include_str!("../sql/0001_messages.sql")),
     ("0002_integrity", include_str!("../sql/0002_integrity.sql")),
+    ("0003_expiry", include_str!("../sql/0003_expiry.sql")),
     (
         "0004_attempt_history",
         include_str!("../sql/0004_attempt_history.sql"),
@@ -33,25 +34,74 @@ const MIGRATION_LOCK: i64 = 0x6d64_6d69_6772; // "mdmigr"
 /// The channel the insert trigger notifies (see `sql/0001_messages.sql`).
 pub const NOTIFY_CHANNEL: &str = "message_dispatcher";
 
-const CLAIM: &str = "
+/// At most this many rows are marked `expired` by one claim; the claim skips expired rows
+/// whether marked or not, so a larger backlog only takes a few more cycles to show.
+pub const EXPIRE_LIMIT: u32 = 1000;
+
+/// `expires_at` of row `m` as text for `last_error` (UTC, RFC 3339, microseconds).
+macro_rules! expires_at_text {
+    () => {
+        "COALESCE(to_char(m.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
+         m.expires_at::text, 'an unknown time')"
+    };
+}
+
+/// The claim: first the expiry sweep (pending rows past `expires_at` become `expired`, at most
+/// $4 of them), then up to $1 due messages that have not expired become `sending`. One round
+/// trip; both parts are fenced by the state row like before, so a replaced leader and a stopped
+/// cluster change nothing. The two parts take disjoint rows (`expires_at <= now()` and `>`).
+/// Returns the claimed rows (with the seconds each has left) and the ids of the expired ones.
+const CLAIM: &str = concat!(
+    "
 WITH fence AS (
     SELECT 1 FROM dispatcher_state
     WHERE processing_enabled AND ($2::bigint IS NULL OR epoch = $2)
     FOR SHARE
+), expired AS (
+    UPDATE messages AS m
+    SET status = 'expired',
+        last_error = 'expired at ' || ",
+    expires_at_text!(),
+    " || ' before it could be sent'
+                     || COALESCE(' (last error: ' || m.last_error || ')', ''),
+        updated_at = now()
+    FROM (
+        SELECT id FROM messages
+        WHERE status = 'pending' AND expires_at <= now() AND EXISTS (SELECT 1 FROM fence)
+        ORDER BY expires_at
+        LIMIT $4
+        FOR UPDATE SKIP LOCKED
+    ) AS past
+    WHERE m.id = past.id
+    RETURNING m.id
 ), due AS (
     SELECT id FROM messages
-    WHERE status = 'pending' AND next_attempt_at <= now() AND EXISTS (SELECT 1 FROM fence)
+    WHERE status = 'pending' AND next_attempt_at <= now()
+      AND (expires_at IS NULL OR expires_at > now())
+      AND EXISTS (SELECT 1 FROM fence)
     ORDER BY next_attempt_at, id
     LIMIT $1
     FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE messages AS m
+    SET status = 'sending', attempts = m.attempts + 1,
+        claimed_epoch = $2, claimed_by = $3, claimed_at = now(), updated_at = now()
+    FROM due WHERE m.id = due.id
+    RETURNING m.id, m.recipient, m.content, m.attempts,
+              CASE WHEN isfinite(m.expires_at)
+                   THEN EXTRACT(EPOCH FROM m.expires_at - now())::float8 END AS expires_in
 )
-UPDATE messages AS m
-SET status = 'sending', attempts = m.attempts + 1,
-    claimed_epoch = $2, claimed_by = $3, claimed_at = now(), updated_at = now()
-FROM due WHERE m.id = due.id
-RETURNING m.id, m.recipient, m.content, m.attempts, m.attempts - m.attempts_free";
+SELECT true, id, recipient, content, attempts, charged, expires_in FROM claimed
+UNION ALL
+SELECT false, id, NULL, NULL, NULL, NULL, NULL FROM expired"
+);
 
-const RECORD: &str = "
+/// Outcomes and the attempt history, one statement per batch. A message going back to
+/// `pending` (a retry, or returned unsent) whose `expires_at` would have passed by the time it
+/// falls due ends `expired` at once instead: retries never go past the expiry. Returns how many
+/// messages changed, and the ids of those that ended `expired`.
+const RECORD: &str = concat!(
+    "
 WITH fence AS (
     SELECT 1 FROM dispatcher_state WHERE $7::bigint IS NULL OR epoch = $7 FOR SHARE
 ), history AS (
@@ -64,13 +114,29 @@ WITH fence AS (
          AS h(id, attempt, started_at, duration_ms, status_code, error)
     WHERE EXISTS (SELECT 1 FROM messages WHERE id = h.id)
     ON CONFLICT DO NOTHING
-)
+), written AS (
 UPDATE messages AS m SET
-    status = o.status,
+    status = CASE
+        WHEN o.status = 'pending'
+             AND m.expires_at <= now() + o.delay_ms * interval '1 millisecond' THEN 'expired'
+        ELSE o.status END,
     attempts = m.attempts - o.unsent,
     attempts_free = m.attempts_free + o.free,
     sent_at = CASE WHEN o.status = 'sent' THEN now() ELSE m.sent_at END,
-    last_error = COALESCE(o.error, m.last_error),
+    last_error = CASE
+        WHEN o.status = 'expired'
+             OR (o.status = 'pending' AND o.error IS NULL
+                 AND m.expires_at <= now() + o.delay_ms * interval '1 millisecond')
+        THEN 'expired at ' || ",
+    expires_at_text!(),
+    " || ' before it could be sent'
+             || COALESCE(' (last error: ' || m.last_error || ')', '')
+        WHEN o.status = 'pending'
+             AND m.expires_at <= now() + o.delay_ms * interval '1 millisecond'
+        THEN 'expired at ' || ",
+    expires_at_text!(),
+    " || ': the next attempt would have come after it (last error: ' || o.error || ')'
+        ELSE COALESCE(o.error, m.last_error) END,
     remote_message_id = COALESCE(o.remote_id, m.remote_message_id),
     next_attempt_at = CASE WHEN o.status = 'pending'
                            THEN now() + o.delay_ms * interval '1 millisecond'
@@ -82,7 +148,11 @@ FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::text[], $6::big
          AS o(id, status, unsent, error, remote_id, delay_ms, free)
 WHERE m.id = o.id AND m.status = 'sending'
   AND m.claimed_epoch IS NOT DISTINCT FROM $7 AND m.claimed_by = $8
-  AND EXISTS (SELECT 1 FROM fence)";
+  AND EXISTS (SELECT 1 FROM fence)
+RETURNING m.id, m.status
+)
+SELECT count(*), COALESCE(array_agg(id) FILTER (WHERE status = 'expired'), '{}') FROM written"
+);
 
 const RECOVER: &str = "
 WITH fence AS (
@@ -132,6 +202,25 @@ impl<'a> History<'a> {
             .push(attempt.status.map(|s| s.min(i16::MAX as u16) as i16));
         self.errors.push(error);
     }
+}
+
+/// What one claim did.
+#[derive(Debug, Default)]
+pub struct Claim {
+    /// The messages now `sending` for this instance, by id.
+    pub messages: Vec<Claimed>,
+    /// Pending messages past their `expires_at` that this claim marked `expired`.
+    pub expired: u64,
+}
+
+/// What one outcome write did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// Rows changed: fewer than given means the epoch was superseded (or rows were recovered).
+    pub written: u64,
+    /// Of those, the messages that ended `expired` (the outcome said so, or a retry or a
+    /// return to pending would have come after `expires_at`).
+    pub expired: Vec<i64>,
 }
 
 /// The cluster-wide state row.
@@ -261,36 +350,54 @@ impl Store {
         result
     }
 
-    /// Claims up to `limit` due messages for this instance under `epoch` (None without lease).
-    /// Nothing is claimed while processing is stopped or the epoch is no longer current.
-    pub fn claim(&mut self, limit: u32, epoch: Option<i64>) -> Result<Vec<Claimed>, Error> {
+    /// Claims up to `limit` due messages for this instance under `epoch` (None without lease),
+    /// and first marks up to [`EXPIRE_LIMIT`] pending messages past their `expires_at`
+    /// `expired`. Nothing changes while processing is stopped or the epoch is no longer current.
+    pub fn claim(&mut self, limit: u32, epoch: Option<i64>) -> Result<Claim, Error> {
         let instance = self.instance_id.clone();
+        // Taken before PostgreSQL reads its clock, so a deadline counted from here is never
+        // later than the real expiry.
+        let asked = BootInstant::now();
         let rows = self.with(|c| {
-            c.client
-                .query(&c.claim, &[&i64::from(limit), &epoch, &instance])
+            c.client.query(
+                &c.claim,
+                &[
+                    &i64::from(limit),
+                    &epoch,
+                    &instance,
+                    &i64::from(EXPIRE_LIMIT),
+                ],
+            )
         })?;
-        let mut claimed: Vec<Claimed> = rows
-            .iter()
-            .map(|r| Claimed {
-                id: r.get(0),
-                recipient: r.get(1),
-                content: r.get(2),
-                attempts: r.get(3),
-                charged: r.get(4),
-            })
-            .collect();
-        claimed.sort_by_key(|m| m.id);
-        Ok(claimed)
+        let mut claim = Claim::default();
+        for r in &rows {
+            if !r.get::<_, bool>(0) {
+                claim.expired += 1;
+                continue;
+            }
+            let expires_in: Option<f64> = r.get(6);
+            claim.messages.push(Claimed {
+                id: r.get(1),
+                recipient: r.get(2),
+                content: r.get(3),
+                attempts: r.get(4),
+                charged: r.get(5),
+                expires: expires_in.map(|secs| {
+                    asked + Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::MAX)
+                }),
+            });
+        }
+        claim.messages.sort_by_key(|m| m.id);
+        Ok(claim)
     }
 
     /// Records the outcomes of messages claimed under `epoch`, and the attempt history of the
-    /// requests made, in one statement. Returns how many messages changed: fewer than given
-    /// means the epoch was superseded (or rows were recovered).
+    /// requests made, in one statement.
     pub fn record<'a>(
         &mut self,
         epoch: Option<i64>,
         outcomes: impl ExactSizeIterator<Item = (i64, &'a Delivery, Option<&'a Attempt>)>,
-    ) -> Result<u64, Error> {
+    ) -> Result<Recorded, Error> {
         let n = outcomes.len();
         let mut ids = Vec::with_capacity(n);
         let mut statuses = Vec::with_capacity(n);
@@ -315,6 +422,7 @@ impl Store {
                 ),
                 Delivery::Failed { error } => ("failed", 0, Some(error.as_str()), None, 0),
                 Delivery::Unsent => ("pending", 1, None, None, 0),
+                Delivery::Expired => ("expired", 1, None, None, 0),
             };
             if let Some(attempt) = attempt {
                 history.push(id, attempt, error.map(storable));
@@ -330,8 +438,8 @@ impl Store {
             delays.push(delay);
         }
         let instance = self.instance_id.clone();
-        self.with(|c| {
-            c.client.execute(
+        let row = self.with(|c| {
+            c.client.query_one(
                 &c.record,
                 &[
                     &ids,
@@ -351,6 +459,10 @@ impl Store {
                     &free,
                 ],
             )
+        })?;
+        Ok(Recorded {
+            written: row.get::<_, i64>(0) as u64,
+            expired: row.get(1),
         })
     }
 
@@ -429,8 +541,27 @@ impl Store {
         })
     }
 
-    /// How long until the scheduler has work again: the earliest pending message falls due, or
-    /// the earliest row another holder left `sending` may be recovered (zero when now).
+    /// Stores MESSAGE_TTL (None = no TTL) for the insert trigger of `sql/0003_expiry.sql`; it
+    /// applies to every row inserted from now on, by any program. Returns the value it replaced.
+    pub fn set_message_ttl(&mut self, ttl: Option<Duration>) -> Result<Option<Duration>, Error> {
+        let micros = ttl.map(|d| d.as_micros().min(i64::MAX as u128) as i64);
+        let before: Option<i64> = self.with(|c| {
+            c.client
+                .query_one(
+                    "UPDATE dispatcher_state AS s
+                     SET message_ttl = $1::bigint * interval '1 microsecond'
+                     FROM (SELECT message_ttl FROM dispatcher_state FOR UPDATE) AS old
+                     RETURNING (EXTRACT(EPOCH FROM old.message_ttl) * 1000000)::bigint",
+                    &[&micros],
+                )
+                .map(|r| r.get(0))
+        })?;
+        Ok(before.map(|us| Duration::from_micros(us.max(0) as u64)))
+    }
+
+    /// How long until the scheduler has work again: the earliest pending message falls due or
+    /// expires, or the earliest row another holder left `sending` may be recovered (zero when
+    /// now).
     pub fn next_due_in(
         &mut self,
         recovery_timeout: Duration,
@@ -442,6 +573,9 @@ impl Store {
                 .query_one(
                     "SELECT EXTRACT(EPOCH FROM (LEAST(
                          (SELECT min(next_attempt_at) FROM messages WHERE status = 'pending'),
+                         (SELECT min(expires_at) FROM messages
+                          WHERE status = 'pending' AND expires_at IS NOT NULL
+                            AND isfinite(expires_at)),
                          (SELECT min(claimed_at) FROM messages
                           WHERE status = 'sending' AND NOT (id = ANY($2::bigint[])))
                            + $1::bigint * interval '1 millisecond'
@@ -457,12 +591,20 @@ impl Store {
         }))
     }
 
-    pub fn insert_message(&mut self, recipient: &str, content: &str) -> Result<i64, Error> {
+    /// Enqueues one message; without `expires_at` the table's MESSAGE_TTL (if any) applies, as
+    /// for any INSERT.
+    pub fn insert_message(
+        &mut self,
+        recipient: &str,
+        content: &str,
+        expires_at: Option<SystemTime>,
+    ) -> Result<i64, Error> {
         self.with(|c| {
             c.client
                 .query_one(
-                    "INSERT INTO messages (recipient, content) VALUES ($1, $2) RETURNING id",
-                    &[&recipient, &content],
+                    "INSERT INTO messages (recipient, content, expires_at) VALUES ($1, $2, $3)
+                     RETURNING id",
+                    &[&recipient, &content, &expires_at],
                 )
                 .map(|r| r.get(0))
         })

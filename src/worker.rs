@@ -4,7 +4,8 @@
 //! Workers never touch PostgreSQL: the scheduler records outcomes in batches. Before every
 //! request a worker checks that it may still send (shutdown, the cycle's time bound, and a
 //! lease that outlasts the whole request); a job it may not send goes back as
-//! [`Delivery::Unsent`].
+//! [`Delivery::Unsent`]. A message whose `expires_at` has passed by then (it waited in the
+//! channel behind slow requests, or for a rate-limit slot) goes back as [`Delivery::Expired`].
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -64,11 +65,15 @@ impl Worker {
         }
     }
 
-    /// Makes the request, unless it may not be made now: the shutdown began, the cycle is
-    /// over, the circuit is open or the receiver asked for a pause, no rate-limit slot comes
-    /// in time, or the lease could expire before the request would end.
+    /// Makes the request, unless it may not be made now: the message expired, the shutdown
+    /// began, the cycle is over, the circuit is open or the receiver asked for a pause, no
+    /// rate-limit slot comes in time, or the lease could expire before the request would end.
     fn attempt(&self, job: &Job) -> (Delivery, Option<Attempt>) {
         const UNSENT: (Delivery, Option<Attempt>) = (Delivery::Unsent, None);
+        const EXPIRED: (Delivery, Option<Attempt>) = (Delivery::Expired, None);
+        if job.message.expired() {
+            return EXPIRED;
+        }
         if self.shutdown.is_triggered() || Instant::now() >= job.not_after {
             return UNSENT;
         }
@@ -80,6 +85,10 @@ impl Worker {
             {
                 return UNSENT;
             }
+            // The wait may have been long; the slot it took is simply not used.
+            if job.message.expired() {
+                return EXPIRED;
+            }
         }
         let admission = self.circuit.admit();
         if admission == Admission::Hold {
@@ -89,6 +98,11 @@ impl Worker {
             self.circuit.cancel(&admission);
             return UNSENT;
         };
+        // The last look, just before the request (admission and permit never block).
+        if job.message.expired() {
+            self.circuit.cancel(&admission);
+            return EXPIRED;
+        }
         let (started_at, started) = (SystemTime::now(), Instant::now());
         let result = self
             .webhook
@@ -123,6 +137,6 @@ fn log_delivery(job: &Job, delivery: &Delivery) {
             id = id, error = error.as_str(), attempts = job.message.attempts;
             "Message delivery failed permanently"
         ),
-        Delivery::Unsent => {}
+        Delivery::Unsent | Delivery::Expired => {}
     }
 }

@@ -437,13 +437,14 @@ fn the_daemons_statements_satisfy_the_constraints() {
     ];
 
     // Without the lease: claimed with no epoch, then every outcome.
-    let claimed = a.claim(4, None).unwrap();
+    let claimed = a.claim(4, None).unwrap().messages;
     assert_eq!(claimed.len(), 4);
     assert_eq!(db.count("sending"), 4);
     let attempts = attempts_of(&claimed);
     let recorded = a
         .record(None, rows(&claimed, &outcomes, &attempts))
-        .unwrap();
+        .unwrap()
+        .written;
     assert_eq!(recorded, 4);
     assert_eq!(
         (db.count("sent"), db.count("failed"), db.count("pending")),
@@ -453,12 +454,13 @@ fn the_daemons_statements_satisfy_the_constraints() {
     // Under the lease: claimed with the epoch, then every outcome.
     let epoch = a.begin_epoch(soon()).unwrap();
     assert!(epoch >= 1);
-    let claimed = a.claim(4, Some(epoch)).unwrap();
+    let claimed = a.claim(4, Some(epoch)).unwrap().messages;
     assert_eq!(claimed.len(), 4);
     let attempts = attempts_of(&claimed);
     let recorded = a
         .record(Some(epoch), rows(&claimed, &outcomes, &attempts))
-        .unwrap();
+        .unwrap()
+        .written;
     assert_eq!(recorded, 4);
     assert_eq!((db.count("sent"), db.count("failed")), (2, 2));
     let history: i64 = db
@@ -469,7 +471,7 @@ fn the_daemons_statements_satisfy_the_constraints() {
     assert_eq!(history, 6, "one row per request made; none for the unsent");
 
     // Crash recovery: A's claims are returned by B under a newer epoch.
-    let claimed = a.claim(8, Some(epoch)).unwrap();
+    let claimed = a.claim(8, Some(epoch)).unwrap().messages;
     assert_eq!(claimed.len(), 4);
     let newer = b.begin_epoch(soon()).unwrap();
     assert_eq!(

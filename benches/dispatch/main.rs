@@ -441,6 +441,7 @@ fn bare_loop(url: &str, workers: u32, secs: f64, sender: Sender) -> Result<f64> 
                     content: CONTENT.into(),
                     attempts: 0,
                     charged: 0,
+                    expires: None,
                 };
                 while Instant::now() < deadline && !failed.load(Ordering::Relaxed) {
                     let ok = match sender {
