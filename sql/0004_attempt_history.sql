@@ -26,4 +26,6 @@ CREATE TABLE message_attempts (
 -- the message. The daemon gives up after MAX_ATTEMPTS of attempts - attempts_free.
 ALTER TABLE messages
     ADD COLUMN attempts_free INT NOT NULL DEFAULT 0,
-    ADD CONSTRAINT messages_attempts_free_within CHECK (attempts_free BETWEEN 0 AND attempts);
+    -- (A negative count is messages_attempts_not_negative's to refuse.)
+    ADD CONSTRAINT messages_attempts_free_within
+        CHECK (attempts_free >= 0 AND (attempts < 0 OR attempts_free <= attempts));

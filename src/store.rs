@@ -87,7 +87,7 @@ WITH fence AS (
     SET status = 'sending', attempts = m.attempts + 1,
         claimed_epoch = $2, claimed_by = $3, claimed_at = now(), updated_at = now()
     FROM due WHERE m.id = due.id
-    RETURNING m.id, m.recipient, m.content, m.attempts,
+    RETURNING m.id, m.recipient, m.content, m.attempts, m.attempts - m.attempts_free AS charged,
               CASE WHEN isfinite(m.expires_at)
                    THEN EXTRACT(EPOCH FROM m.expires_at - now())::float8 END AS expires_in
 )
