@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
@@ -400,13 +399,37 @@ impl ServerCertVerifier for ChainOnly {
 
 /// Where the lease lives: one Redis server (`redis://` or `rediss://`), or the master that a
 /// set of Sentinels points at — asked anew on every reconnect, so the lease follows a failover.
+///
+/// Every step is bounded by the timeout given to [`Redis::connect`]: each TCP connect, TLS
+/// handshake and authentication, each Sentinel's answer, the master's `ROLE`, and every read
+/// and write on the connection returned.
 pub struct Redis {
     target: Target,
 }
 
 enum Target {
     Direct(redis::Client),
-    Sentinel(Mutex<SentinelClient>),
+    Sentinel(Sentinels),
+}
+
+/// Finds the master through Redis Sentinel ourselves, as the Sentinel client guidelines
+/// describe: ask each Sentinel in turn for the master's address, skipping one that fails or
+/// does not answer in time, then connect to that address and check with `ROLE` that it is the
+/// master. (The redis crate's Sentinel client waits on the Sentinels and the master without any
+/// timeout, so one hung Sentinel stopped the lease, and `/health`, for good.)
+///
+/// A lookup takes at most about (Sentinels + 1) × 2 timeouts, when every Sentinel accepts and
+/// none answers; normally one round trip to the first Sentinel and the master's handshake.
+struct Sentinels {
+    /// As configured, but the Sentinel that last named a working master comes first, so that a
+    /// hung Sentinel early in REDIS_SENTINELS costs one timeout, not one on every reconnect.
+    addrs: Mutex<Vec<(String, u16)>>,
+    master_name: String,
+    /// How to reach the master: TLS (`rediss://` in REDIS_URL) with REDIS_CA_CERT's CA, and
+    /// REDIS_PASSWORD. The Sentinels themselves are asked over plain TCP without a password.
+    tls: bool,
+    ca: Option<Vec<u8>>,
+    password: Option<String>,
 }
 
 /// What the Redis side of the configuration says.
@@ -428,35 +451,27 @@ impl Redis {
                 })?),
                 None => None,
             };
-        let certificates = |ca: &Option<Vec<u8>>| redis::TlsCertificates {
-            client_tls: None,
-            root_cert: ca.clone(),
-        };
         if let Some(master) = &settings.sentinel_master {
             let mut addrs = Vec::new();
             for s in &settings.sentinels {
-                let (host, port) = parse_host_port(s).ok_or_else(|| {
+                addrs.push(parse_host_port(s).ok_or_else(|| {
                     Error::Config(format!("REDIS_SENTINELS: expected host:port, got {s:?}"))
-                })?;
-                addrs.push(redis::ConnectionAddr::Tcp(host, port));
+                })?);
             }
-            let mut builder =
-                SentinelClientBuilder::new(addrs, master.clone(), SentinelServerType::Master)
-                    .map_err(|e| Error::Config(format!("REDIS_SENTINELS: {e}")))?;
-            if let Some(password) = &settings.password {
-                builder = builder.set_client_to_redis_password(password.clone());
+            if addrs.is_empty() {
+                return Err(Error::Config(
+                    "REDIS_SENTINELS: at least one host:port is needed with REDIS_SENTINEL_MASTER"
+                        .into(),
+                ));
             }
-            if settings.url.starts_with("rediss://") {
-                builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
-                if ca.is_some() {
-                    builder = builder.set_client_to_redis_certificates(certificates(&ca));
-                }
-            }
-            let client = builder
-                .build()
-                .map_err(|e| Error::Config(format!("REDIS_SENTINELS: {e}")))?;
             return Ok(Redis {
-                target: Target::Sentinel(Mutex::new(client)),
+                target: Target::Sentinel(Sentinels {
+                    addrs: Mutex::new(addrs),
+                    master_name: master.clone(),
+                    tls: settings.url.starts_with("rediss://"),
+                    ca,
+                    password: settings.password.clone(),
+                }),
             });
         }
         let client = match &ca {
@@ -469,19 +484,156 @@ impl Redis {
         })
     }
 
-    /// A connection whose every read and write gives up after `timeout`.
+    /// A connection whose every read and write gives up after `timeout`; connecting (through
+    /// the Sentinels, when configured) is bounded by it step by step.
     pub fn connect(&self, timeout: Duration) -> Result<redis::Connection, Error> {
-        let client = match &self.target {
-            Target::Direct(client) => client.clone(),
-            Target::Sentinel(sentinel) => sentinel
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_client()?,
+        match &self.target {
+            Target::Direct(client) => Ok(open_bounded(client, timeout)?),
+            Target::Sentinel(sentinels) => sentinels.master(timeout),
+        }
+    }
+}
+
+impl Sentinels {
+    /// A connection to the current master, found through the Sentinels.
+    fn master(&self, timeout: Duration) -> Result<redis::Connection, Error> {
+        let order = self.addrs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut failures = Vec::new();
+        let mut tried: Vec<(String, u16)> = Vec::new();
+        for sentinel in &order {
+            let named = match self.ask(sentinel, timeout) {
+                Ok(named) => named,
+                Err(e) => {
+                    failures.push(format!("Sentinel {}: {e}", show(sentinel)));
+                    continue;
+                }
+            };
+            if tried.contains(&named) {
+                continue; // Already failed this lookup; another Sentinel may know better.
+            }
+            match self.open_master(&named, timeout) {
+                Ok(conn) => {
+                    self.prefer(sentinel);
+                    return Ok(conn);
+                }
+                Err(e) => failures.push(format!(
+                    "master {} named by Sentinel {}: {e}",
+                    show(&named),
+                    show(sentinel)
+                )),
+            }
+            tried.push(named);
+        }
+        Err(Error::Other(format!(
+            "no Redis master {:?} through Redis Sentinel: {}",
+            self.master_name,
+            failures.join("; ")
+        )))
+    }
+
+    /// What `sentinel` says the master's address is.
+    fn ask(&self, sentinel: &(String, u16), timeout: Duration) -> Result<(String, u16), String> {
+        let info = redis::ConnectionInfo {
+            addr: redis::ConnectionAddr::Tcp(sentinel.0.clone(), sentinel.1),
+            redis: redis::RedisConnectionInfo::default(),
         };
-        let conn = client.get_connection_with_timeout(timeout)?;
-        conn.set_read_timeout(Some(timeout))?;
-        conn.set_write_timeout(Some(timeout))?;
-        Ok(conn)
+        let client = redis::Client::open(info).map_err(|e| e.to_string())?;
+        let mut conn = open_bounded(&client, timeout).map_err(|e| describe(&e, timeout))?;
+        let named: Option<(String, String)> = redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg(&self.master_name)
+            .query(&mut conn)
+            .map_err(|e| describe(&e, timeout))?;
+        let (host, port) =
+            named.ok_or_else(|| format!("does not know a master {:?}", self.master_name))?;
+        let port = port
+            .parse()
+            .map_err(|_| format!("named the master at {host}:{port}, not a host and port"))?;
+        Ok((host, port))
+    }
+
+    /// A connection to `addr` once `ROLE` confirmed it is a master.
+    fn open_master(
+        &self,
+        addr: &(String, u16),
+        timeout: Duration,
+    ) -> Result<redis::Connection, String> {
+        let (host, port) = addr.clone();
+        let info = redis::ConnectionInfo {
+            addr: if self.tls {
+                redis::ConnectionAddr::TcpTls {
+                    host,
+                    port,
+                    insecure: false,
+                    tls_params: None,
+                }
+            } else {
+                redis::ConnectionAddr::Tcp(host, port)
+            },
+            redis: redis::RedisConnectionInfo {
+                password: self.password.clone(),
+                ..Default::default()
+            },
+        };
+        let client = match &self.ca {
+            Some(_) if self.tls => redis::Client::build_with_tls(info, certificates(&self.ca)),
+            _ => redis::Client::open(info),
+        }
+        .map_err(|e| e.to_string())?;
+        let mut conn = open_bounded(&client, timeout).map_err(|e| describe(&e, timeout))?;
+        let role: Vec<redis::Value> = redis::cmd("ROLE")
+            .query(&mut conn)
+            .map_err(|e| describe(&e, timeout))?;
+        match role.first().map(redis::from_redis_value::<String>) {
+            Some(Ok(role)) if role == "master" => Ok(conn),
+            Some(Ok(role)) => Err(format!("is a {role}, not the master (failover under way?)")),
+            _ => Err("answered ROLE with something else than a role".into()),
+        }
+    }
+
+    /// Asks `sentinel` first from now on.
+    fn prefer(&self, sentinel: &(String, u16)) {
+        let mut addrs = self.addrs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = addrs.iter().position(|a| a == sentinel) {
+            let first = addrs.remove(i);
+            addrs.insert(0, first);
+        }
+    }
+}
+
+/// Connects within `timeout` (TCP, TLS, authentication) and bounds every later read and write
+/// by it too.
+fn open_bounded(
+    client: &redis::Client,
+    timeout: Duration,
+) -> redis::RedisResult<redis::Connection> {
+    let conn = client.get_connection_with_timeout(timeout)?;
+    conn.set_read_timeout(Some(timeout))?;
+    conn.set_write_timeout(Some(timeout))?;
+    Ok(conn)
+}
+
+fn certificates(ca: &Option<Vec<u8>>) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: None,
+        root_cert: ca.clone(),
+    }
+}
+
+/// A Redis error as said in a log line: a timeout says how long we waited.
+fn describe(e: &redis::RedisError, timeout: Duration) -> String {
+    if e.is_timeout() {
+        format!("no answer within {}", crate::config::fmt_duration(timeout))
+    } else {
+        e.to_string()
+    }
+}
+
+fn show((host, port): &(String, u16)) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
     }
 }
 
@@ -578,6 +730,31 @@ mod tests {
         let kv = pg("host=db dbname=x keepalives_idle=60 sslmode=disable");
         assert_eq!(kv.get_keepalives_idle(), Duration::from_secs(60));
         assert_eq!(kv.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+    }
+
+    #[test]
+    fn a_hung_sentinel_costs_one_timeout() {
+        // Accepts (the kernel completes the handshake) and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let silent = silent.local_addr().unwrap().to_string();
+        let redis = Redis::new(&RedisSettings {
+            sentinels: vec![silent.clone()],
+            sentinel_master: Some("mymaster".into()),
+            ..RedisSettings::default()
+        })
+        .unwrap();
+        let timeout = Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let Err(e) = redis.connect(timeout) else {
+            panic!("nothing answers");
+        };
+        let took = started.elapsed();
+        let e = e.to_string();
+        assert!(
+            e.contains(&silent) && e.contains("no answer within 300ms"),
+            "{e}"
+        );
+        assert!(took >= timeout && took < timeout * 2, "{took:?}");
     }
 
     #[test]

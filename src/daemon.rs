@@ -36,7 +36,12 @@ pub fn serve(config: &Config) -> Result<(), Error> {
 
     let instance_id = new_instance_id();
     let mut store = Store::new(config.postgres()?, &instance_id);
-    migrate(&mut store)?;
+    // The signal handlers are in place: a SIGTERM while another instance migrates (or between
+    // two migrations) stops here, with nothing started yet.
+    if !migrate_until(&mut store, &shutdown)? || shutdown.is_triggered() {
+        log::info!("Message dispatcher stopped");
+        return Ok(());
+    }
     store_message_ttl(&mut store, config.message_ttl)?;
 
     let metrics = Arc::new(Metrics::new());
@@ -118,8 +123,9 @@ pub fn serve(config: &Config) -> Result<(), Error> {
         recv(shutdown.signalled()) -> _ => {}
     }
     // The whole stop takes at most MAX_PROCESSING_TIME + WEBHOOK_TIMEOUT from the signal. Only
-    // a scheduler stuck in a statement on a silent path to PostgreSQL can overrun that (each
-    // statement ends within QUERY_DEADLINE, which may be longer): then stop waiting for it.
+    // a scheduler stuck in a call on a silent path can overrun that — a PostgreSQL statement
+    // (each ends within QUERY_DEADLINE, which may be longer) or a Redis lookup through hung
+    // Sentinels (each step ends within the lease's I/O timeout): then stop waiting for it.
     let bound = config.max_processing_time + config.webhook_timeout;
     let margin = EXIT_MARGIN.min(bound / 10);
     let stop_by = Instant::now() + bound - margin / 2;
@@ -129,7 +135,7 @@ pub fn serve(config: &Config) -> Result<(), Error> {
     {
         log::warn!(
             bound = fmt_duration(bound).as_str();
-            "Stopping without the scheduler, still waiting on PostgreSQL: messages it claimed and has not recorded stay sending until crash recovery returns them, and its lease expires after the TTL"
+            "Stopping without the scheduler, still waiting on PostgreSQL or Redis: messages it claimed and has not recorded stay sending until crash recovery returns them, and its lease expires after the TTL"
         );
     }
     api.stop(stop_by);
@@ -163,12 +169,20 @@ fn store_message_ttl(store: &mut Store, ttl: Option<std::time::Duration>) -> Res
 
 /// Applies pending migrations and says which.
 pub fn migrate(store: &mut Store) -> Result<(), Error> {
-    let applied = store.migrate()?;
+    migrate_until(store, &Shutdown::new()).map(|_| ())
+}
+
+/// The same, giving up while it waits for another instance's migrations once `shutdown`
+/// starts (false then).
+pub fn migrate_until(store: &mut Store, shutdown: &Shutdown) -> Result<bool, Error> {
+    let Some(applied) = store.migrate(shutdown)? else {
+        return Ok(false);
+    };
     for version in &applied {
         log::info!(version = *version; "Migration applied");
     }
     if applied.is_empty() {
         log::debug!(channel = store::NOTIFY_CHANNEL; "Schema up to date");
     }
-    Ok(())
+    Ok(true)
 }

@@ -9,13 +9,15 @@
 use std::borrow::Cow;
 use std::time::{Duration, Instant, SystemTime};
 
+use postgres::error::SqlState;
 use postgres::Statement;
 
 use crate::clock::BootInstant;
-use crate::connect::Postgres;
+use crate::connect::{Postgres, QUERY_DEADLINE};
 use crate::error::Error;
 use crate::message::{Attempt, Claimed, Delivery};
 use crate::pg::Client;
+use crate::shutdown::Shutdown;
 
 /// The migrations in `sql/`, applied in this order, each once.
 const MIGRATIONS: &[(&str, &str)] = &[
@@ -28,8 +30,21 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Serialises migrations across instances starting at the same time.
-const MIGRATION_LOCK: i64 = 0x6d64_6d69_6772; // "mdmigr"
+/// Serialises migrations across instances starting at the same time (a session-level
+/// advisory lock; public so that tests can hold it).
+pub const MIGRATION_LOCK: i64 = 0x6d64_6d69_6772; // "mdmigr"
+
+/// How often a start asks again for the migration lock while another instance holds it.
+const MIGRATION_LOCK_POLL: Duration = Duration::from_millis(200);
+
+/// How long a migration statement waits for a table lock (`lock_timeout`) before the start
+/// fails (exit 1, "the next start tries again"). Longer than STATEMENT_TIMEOUT, so the statements
+/// of instances still running — each ends within it, and with it any lock it holds — never fail
+/// a migration; short, because a lock held longer belongs to something else (an open
+/// transaction, an operator's session) that will not end soon, and while an `ALTER TABLE`
+/// waits, every later statement on that table queues behind it: the running instances would
+/// stall for as long as the migration waits.
+pub const MIGRATION_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The channel the insert trigger notifies (see `sql/0001_messages.sql`).
 pub const NOTIFY_CHANNEL: &str = "message_dispatcher";
@@ -341,13 +356,28 @@ impl Store {
     }
 
     /// Applies pending migrations; returns the names applied now.
-    pub fn migrate(&mut self) -> Result<Vec<&'static str>, Error> {
-        // A dedicated connection: `open` refuses to work on an unmigrated database.
+    ///
+    /// `None` when `shutdown` started while another instance held the migration lock; once the
+    /// lock is ours, a shutdown stops before the next migration (the next start applies it).
+    pub fn migrate(&mut self, shutdown: &Shutdown) -> Result<Option<Vec<&'static str>>, Error> {
+        // A dedicated connection: `open` refuses to work on an unmigrated database. Migrations
+        // may run long, so no statement timeout; but none waits on a table lock for longer
+        // than MIGRATION_LOCK_TIMEOUT, and our own quick statements have a deadline.
         let mut client = self.server.connect_unbounded(Some("migrate"))?;
-        client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])?;
-        let result = apply_migrations(&mut client);
-        let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]);
-        result
+        client.within(QUERY_DEADLINE, |c| {
+            c.batch_execute(&format!(
+                "SET lock_timeout = {}",
+                MIGRATION_LOCK_TIMEOUT.as_millis()
+            ))
+        })?;
+        if !take_migration_lock(&mut client, shutdown)? {
+            return Ok(None);
+        }
+        let result = apply_migrations(&mut client, shutdown);
+        let _ = client.within(QUERY_DEADLINE, |c| {
+            c.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        });
+        result.map(Some)
     }
 
     /// Claims up to `limit` due messages for this instance under `epoch` (None without lease),
@@ -686,32 +716,103 @@ pub fn storable(text: &str) -> Cow<'_, str> {
     }
 }
 
-fn apply_migrations(client: &mut Client) -> Result<Vec<&'static str>, Error> {
-    client.batch_execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (
+/// Takes the migration lock, polling while another instance holds it (and saying so once).
+/// False when `shutdown` started first.
+fn take_migration_lock(client: &mut Client, shutdown: &Shutdown) -> Result<bool, Error> {
+    let mut said = false;
+    while !shutdown.is_triggered() {
+        let taken: bool = client
+            .within(QUERY_DEADLINE, |c| {
+                c.query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK])
+            })?
+            .get(0);
+        if taken {
+            if said {
+                log::info!("Migration lock taken");
+            }
+            return Ok(true);
+        }
+        if !said {
+            said = true;
+            let holder = migration_lock_holder(client);
+            log::info!(holder = holder.as_str(); "Waiting for another instance's migration");
+        }
+        shutdown.sleep(MIGRATION_LOCK_POLL);
+    }
+    Ok(false)
+}
+
+/// Who holds the migration lock, for the log (`application_name (pid N)`), as far as this
+/// role may see.
+fn migration_lock_holder(client: &mut Client) -> String {
+    let row = client.within(QUERY_DEADLINE, |c| {
+        c.query_opt(
+            "SELECT a.application_name, l.pid FROM pg_locks l
+             LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND (l.classid::bigint << 32 | l.objid::bigint) = $1",
+            &[&MIGRATION_LOCK],
+        )
+    });
+    match row {
+        Ok(Some(row)) => {
+            let name: Option<String> = row.get(0);
+            let pid: i32 = row.get(1);
+            match name.filter(|n| !n.is_empty()) {
+                Some(name) => format!("{name} (pid {pid})"),
+                None => format!("pid {pid}"),
+            }
+        }
+        _ => "unknown".into(),
+    }
+}
+
+fn apply_migrations(client: &mut Client, shutdown: &Shutdown) -> Result<Vec<&'static str>, Error> {
+    // A statement cancelled by lock_timeout says so, and that the next start tries again.
+    let blocked = |step: &str, e: postgres::Error| -> Error {
+        if e.code() != Some(&SqlState::LOCK_NOT_AVAILABLE) {
+            return Error::Other(format!("migration {step} failed: {}", Error::from(e)));
+        }
+        Error::Other(format!(
+            "migration {step} failed: waited {} (lock_timeout) for a table lock that another \
+             session holds, e.g. an open transaction; nothing of it was applied, the next start \
+             tries again",
+            crate::config::fmt_duration(MIGRATION_LOCK_TIMEOUT)
+        ))
+    };
+    let setup = "schema_migrations";
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
              version    TEXT PRIMARY KEY,
              applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
          )",
-    )?;
+        )
+        .map_err(|e| blocked(setup, e))?;
     let mut applied = Vec::new();
     for (version, sql) in MIGRATIONS {
         let done = client
             .query_opt(
                 "SELECT 1 FROM schema_migrations WHERE version = $1",
                 &[version],
-            )?
+            )
+            .map_err(|e| blocked(setup, e))?
             .is_some();
         if done {
             continue;
         }
-        let mut tx = client.transaction()?;
-        tx.batch_execute(sql)
-            .map_err(|e| Error::Other(format!("migration {version} failed: {}", Error::from(e))))?;
+        if shutdown.is_triggered() {
+            break;
+        }
+        let mut tx = client.transaction().map_err(|e| blocked(version, e))?;
+        tx.batch_execute(sql).map_err(|e| blocked(version, e))?;
         tx.execute(
             "INSERT INTO schema_migrations (version) VALUES ($1)",
             &[version],
-        )?;
-        tx.commit()?;
+        )
+        .map_err(|e| blocked(version, e))?;
+        tx.commit().map_err(|e| blocked(version, e))?;
         applied.push(*version);
     }
     Ok(applied)
@@ -720,6 +821,12 @@ fn apply_migrations(client: &mut Client) -> Result<Vec<&'static str>, Error> {
 #[cfg(test)]
 mod tests {
     use super::{storable, MIGRATIONS};
+
+    #[test]
+    fn running_instances_never_fail_a_migration_by_lock_timeout() {
+        // Any lock a running instance holds ends with its statement, within STATEMENT_TIMEOUT.
+        assert!(super::MIGRATION_LOCK_TIMEOUT > crate::connect::STATEMENT_TIMEOUT);
+    }
 
     #[test]
     fn nul_bytes_are_not_stored() {

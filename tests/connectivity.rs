@@ -4,9 +4,14 @@
 
 mod common;
 
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use message_dispatcher::store::MIGRATION_LOCK;
 
 use common::servers::*;
 use common::*;
@@ -365,4 +370,283 @@ fn the_lease_follows_a_sentinel_failover() {
     let acquired = a.log_lines("Lock acquired").len() + b.log_lines("Lock acquired").len();
     assert!(acquired >= 2, "the lease was taken again on the new master");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A TCP listener that accepts connections and never answers: a hung Sentinel (or a hung
+/// proxy in front of one). Stops listening when dropped.
+struct Silent {
+    addr: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Silent {
+    fn start() -> Silent {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    return;
+                }
+                if let Ok(stream) = stream {
+                    held.push(stream);
+                }
+            }
+        });
+        Silent {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Silent {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(&self.addr);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A Redis master watched by one Sentinel of its own (quorum 1), as `mymaster`.
+struct Watched {
+    _master: PrivateRedis,
+    sentinel: PrivateRedis,
+    dir: PathBuf,
+}
+
+impl Watched {
+    fn start() -> Watched {
+        let master = PrivateRedis::start_with(free_port(), Vec::new()).expect("redis-server");
+        let dir = std::env::temp_dir().join(unique("md_sentinel"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 1\n",
+                dir.display(),
+                master.port
+            ),
+        )
+        .unwrap();
+        let sentinel = PrivateRedis::sentinel(port, conf).expect("redis-server --sentinel");
+        let p = port.to_string();
+        wait_until(LONG, "the sentinel to name the master", || {
+            redis_cli(&["-p", &p, "SENTINEL", "get-master-addr-by-name", "mymaster"])
+                .contains(&master.port.to_string())
+        });
+        Watched {
+            _master: master,
+            sentinel,
+            dir,
+        }
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.sentinel.port)
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The environment of a daemon whose lease lives on the master `sentinels` name.
+fn sentinel_env(db: &TestDb, receiver: &Receiver, sentinels: &[&str]) -> Vec<(String, String)> {
+    let mut env = daemon_env(db, &receiver.url());
+    for (k, v) in [
+        ("DISTRIBUTED_LOCK_ENABLED", "true"),
+        ("DISTRIBUTED_LOCK_TTL", "3s"),
+        ("MAX_PROCESSING_TIME", "1s"),
+        ("WEBHOOK_TIMEOUT", "1s"),
+        ("REDIS_SENTINELS", &sentinels.join(",")),
+        ("REDIS_SENTINEL_MASTER", "mymaster"),
+        ("DISTRIBUTED_LOCK_KEY", &unique("md:sentinel:lock")),
+        ("REDIS_URL", "redis://127.0.0.1:1/"),
+    ] {
+        set(&mut env, k, v);
+    }
+    env
+}
+
+/// A hung Sentinel first in REDIS_SENTINELS is skipped after the Redis I/O timeout: the lease
+/// is taken on the master the next Sentinel names, messages go out, and /health answers.
+#[test]
+fn a_hung_sentinel_is_skipped() {
+    let silent = Silent::start();
+    let watched = Watched::start();
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    db.insert(20);
+    let env = sentinel_env(&db, &receiver, &[&silent.addr, &watched.addr()]);
+
+    let started = Instant::now();
+    let daemon = Daemon::spawn("dispatcher", &env);
+    daemon.wait_log("Lock acquired", Duration::from_secs(20));
+    eprintln!("lease acquired after {:?}", started.elapsed());
+    wait_until(Duration::from_secs(20), "delivery under the lease", || {
+        db.count("sent") == 20
+    });
+    eprintln!("all delivered after {:?}", started.elapsed());
+
+    let asked = Instant::now();
+    let (status, health) = daemon.health().expect("/health answers");
+    eprintln!("/health answered in {:?}", asked.elapsed());
+    assert_eq!(
+        (status, health["dependencies"]["redis"].as_str()),
+        (200, Some("healthy")),
+        "{health}"
+    );
+    assert!(asked.elapsed() < Duration::from_secs(4));
+}
+
+/// With every Sentinel hung, Redis is unavailable — said within a bounded time — rather than
+/// the whole daemon hanging: /health answers 503 within seconds and SIGTERM stops it at once.
+#[test]
+fn only_hung_sentinels_make_redis_unavailable_without_a_hang() {
+    let (one, two) = (Silent::start(), Silent::start());
+    let db = TestDb::migrated();
+    let receiver = Receiver::start();
+    let env = sentinel_env(&db, &receiver, &[&one.addr, &two.addr]);
+
+    let started = Instant::now();
+    let mut daemon = Daemon::spawn("dispatcher", &env);
+    daemon.wait_log(
+        "Redis unavailable, cannot take the lock",
+        Duration::from_secs(10),
+    );
+    eprintln!("Redis unavailable logged after {:?}", started.elapsed());
+    let warning = &daemon.log_lines("Redis unavailable, cannot take the lock")[0];
+    let error = warning["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&one.addr) && error.contains(&two.addr),
+        "the error names the Sentinels: {error}"
+    );
+
+    daemon.wait_log("Message dispatcher started", Duration::from_secs(10));
+    let asked = Instant::now();
+    let (status, health) = daemon.health().expect("/health answers");
+    eprintln!("/health answered in {:?}", asked.elapsed());
+    assert_eq!(
+        (status, health["dependencies"]["redis"].as_str()),
+        (503, Some("unhealthy")),
+        "{health}"
+    );
+    assert!(asked.elapsed() < Duration::from_secs(4));
+
+    daemon.signal("TERM");
+    let stopping = Instant::now();
+    let status = daemon.wait_exit(Duration::from_secs(10));
+    eprintln!("stopped {:?} after SIGTERM", stopping.elapsed());
+    assert!(status.success(), "{status:?}");
+    assert!(
+        daemon.log_lines("Message dispatcher stopped").len() == 1,
+        "a clean stop"
+    );
+    assert!(
+        stopping.elapsed() < Duration::from_secs(2),
+        "within MAX_PROCESSING_TIME + WEBHOOK_TIMEOUT"
+    );
+}
+
+/// While another instance holds the migration lock, `serve` says it waits, and SIGTERM stops
+/// it at once (exit 0); once the lock is free, the next start migrates and serves.
+#[test]
+fn sigterm_while_waiting_for_another_instances_migration() {
+    let db = TestDb::new();
+    let receiver = Receiver::start();
+    let mut holder = db.client();
+    holder
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .unwrap();
+    let env = daemon_env(&db, &receiver.url());
+
+    let mut first = Daemon::spawn("first", &env);
+    first.wait_log(
+        "Waiting for another instance's migration",
+        Duration::from_secs(10),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let waiting = first.log_lines("Waiting for another instance's migration");
+    assert_eq!(waiting.len(), 1, "said once");
+    let holder_pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        waiting[0]["holder"].as_str(),
+        Some(format!("pid {holder_pid}").as_str()),
+        "names the session holding the lock"
+    );
+    first.signal("TERM");
+    let stopping = Instant::now();
+    let status = first.wait_exit(Duration::from_secs(5));
+    eprintln!("stopped {:?} after SIGTERM", stopping.elapsed());
+    assert!(status.success(), "{status:?}");
+    assert!(stopping.elapsed() < Duration::from_secs(1));
+    assert!(first.log_lines("Migration applied").is_empty());
+
+    holder
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .unwrap();
+    let second = Daemon::spawn("second", &env);
+    second.wait_log("Migration applied", Duration::from_secs(20));
+    second.wait_healthy_or_degraded();
+    assert_eq!(second.health().unwrap().0, 200);
+    assert!(second
+        .log_lines("Waiting for another instance's migration")
+        .is_empty());
+}
+
+/// A migration that would wait behind another session's lock gives up after lock_timeout:
+/// exit 1 with a message that says so; the next run, once the lock is gone, succeeds.
+#[test]
+fn a_migration_behind_an_open_transaction_fails_after_lock_timeout() {
+    let db = TestDb::migrated();
+    let mut blocker = db.client();
+    let mut tx = blocker.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE schema_migrations IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+
+    let started = Instant::now();
+    let mut child = Command::new(DISPATCHER)
+        .arg("migrate")
+        .env_clear()
+        .env("DATABASE_URL", &db.url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("migrate still waiting after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let took = started.elapsed();
+    eprintln!("migrate gave up after {took:?}");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("lock_timeout"), "says why: {stderr}");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+
+    tx.rollback().unwrap();
+    migrate(&db.url);
 }
