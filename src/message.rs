@@ -13,6 +13,16 @@ pub struct Claimed {
     /// attempt, so that a request is counted even if its outcome is never recorded (a crash, a
     /// fenced write).
     pub attempts: i32,
+    /// `attempts` when the message was last retried by hand (0 if never): the give-up rule and
+    /// the backoff count only the requests since.
+    pub attempts_base: i32,
+}
+
+impl Claimed {
+    /// Requests made since the last manual retry, counting this one.
+    pub fn attempts_since_retry(&self) -> u32 {
+        (self.attempts - self.attempts_base).max(1) as u32
+    }
 }
 
 /// A claimed message on its way to a worker.

@@ -16,6 +16,9 @@ use crate::error::Error;
 use crate::message::{Attempt, Claimed, Delivery};
 use crate::pg::Client;
 
+mod operations;
+pub use operations::{Change, Ended, Enqueued, Message, NewMessage, RETRYABLE};
+
 /// The migrations in `sql/`, applied in this order, each once.
 const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_messages", include_str!("../sql/0001_messages.sql")),
@@ -23,6 +26,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0004_attempt_history",
         include_str!("../sql/0004_attempt_history.sql"),
+    ),
+    (
+        "0005_operations",
+        include_str!("../sql/0005_operations.sql"),
     ),
 ];
 
@@ -48,7 +55,7 @@ UPDATE messages AS m
 SET status = 'sending', attempts = m.attempts + 1,
     claimed_epoch = $2, claimed_by = $3, claimed_at = now(), updated_at = now()
 FROM due WHERE m.id = due.id
-RETURNING m.id, m.recipient, m.content, m.attempts";
+RETURNING m.id, m.recipient, m.content, m.attempts, m.attempts_base";
 
 const RECORD: &str = "
 WITH fence AS (
@@ -86,8 +93,8 @@ WITH fence AS (
     SELECT 1 FROM dispatcher_state WHERE $3::bigint IS NULL OR epoch = $3 FOR SHARE
 )
 UPDATE messages
-SET status = CASE WHEN attempts >= $4 THEN 'failed' ELSE 'pending' END,
-    last_error = CASE WHEN attempts >= $4
+SET status = CASE WHEN attempts - attempts_base >= $4 THEN 'failed' ELSE 'pending' END,
+    last_error = CASE WHEN attempts - attempts_base >= $4
         THEN 'abandoned in sending state during its last allowed attempt (the receiver may have got it)'
         ELSE last_error END,
     claimed_epoch = NULL, claimed_by = NULL, claimed_at = NULL,
@@ -264,6 +271,7 @@ impl Store {
                 recipient: r.get(1),
                 content: r.get(2),
                 attempts: r.get(3),
+                attempts_base: r.get(4),
             })
             .collect();
         claimed.sort_by_key(|m| m.id);

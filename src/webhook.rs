@@ -137,7 +137,8 @@ impl Webhook {
                     .min(self.retry_max),
             },
             Answer::Transient { error } => {
-                let attempts_made = message.attempts.max(1) as u32;
+                // A manual retry gives a fresh MAX_ATTEMPTS (and starts the backoff over).
+                let attempts_made = message.attempts_since_retry();
                 if attempts_made >= self.max_attempts {
                     return Delivery::Failed {
                         error: format!("{error} (gave up after {attempts_made} attempts)"),

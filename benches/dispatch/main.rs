@@ -440,6 +440,7 @@ fn bare_loop(url: &str, workers: u32, secs: f64, sender: Sender) -> Result<f64> 
                     recipient: RECIPIENT.into(),
                     content: CONTENT.into(),
                     attempts: 0,
+                    attempts_base: 0,
                 };
                 while Instant::now() < deadline && !failed.load(Ordering::Relaxed) {
                     let ok = match sender {
