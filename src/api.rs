@@ -45,7 +45,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::{self, Metrics};
 use crate::status::Status;
-use crate::store::Store;
+use crate::store::{NewMessage, Store};
 
 /// Threads running database work for the API: enough that a slow query does not hold up
 /// `/health`, few enough to stay a small share of PostgreSQL's connections.
@@ -66,11 +66,23 @@ pub const RECIPIENT_MAX: usize = 254;
 /// serves it with `content`'s `maxLength` set to this instance's CONTENT_MAX_LENGTH.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
-/// One served route. `GET` routes also answer `HEAD`.
+mod messages;
+pub use messages::{
+    check_idempotency_key, parse_bulk_retry, parse_id, parse_list_query, parse_retry_body,
+    parse_time, BULK_RETRY_MAX, STATUSES,
+};
+
+/// One served route. `GET` routes also answer `HEAD`. A path segment `{name}` matches any
+/// non-empty segment; a path without one wins over one with (`/messages/sent` is not the message
+/// `sent`), as OpenAPI resolves them.
 #[derive(Debug)]
 pub struct Route {
     pub method: &'static str,
     pub path: &'static str,
+    /// With API_TOKEN set, the route needs `Authorization: Bearer <token>`: every route that
+    /// reads or changes messages or the processing switch. Probes, the scrape and the document
+    /// stay open.
+    pub needs_token: bool,
     endpoint: Endpoint,
 }
 
@@ -83,6 +95,11 @@ enum Endpoint {
     Start,
     Stop,
     Enqueue,
+    Message,
+    Messages,
+    Retry,
+    RetryMany,
+    Cancel,
 }
 
 /// Every route the API serves: the router dispatches from this table, `405`'s `Allow` header
@@ -91,39 +108,113 @@ pub const ROUTES: &[Route] = &[
     Route {
         method: "GET",
         path: "/health",
+        needs_token: false,
         endpoint: Endpoint::Health,
     },
     Route {
         method: "GET",
         path: "/metrics",
+        needs_token: false,
         endpoint: Endpoint::Metrics,
     },
     Route {
         method: "GET",
         path: "/openapi.json",
+        needs_token: false,
         endpoint: Endpoint::OpenApi,
     },
     Route {
         method: "GET",
         path: "/messages/sent",
+        needs_token: true,
         endpoint: Endpoint::SentMessages,
     },
     Route {
         method: "POST",
         path: "/messages",
+        needs_token: true,
         endpoint: Endpoint::Enqueue,
     },
     Route {
         method: "POST",
         path: "/processing/start",
+        needs_token: true,
         endpoint: Endpoint::Start,
     },
     Route {
         method: "POST",
         path: "/processing/stop",
+        needs_token: true,
         endpoint: Endpoint::Stop,
     },
+    // Operations on messages (issue #12): src/api/messages.rs.
+    Route {
+        method: "GET",
+        path: "/messages",
+        needs_token: true,
+        endpoint: Endpoint::Messages,
+    },
+    Route {
+        method: "GET",
+        path: "/messages/{id}",
+        needs_token: true,
+        endpoint: Endpoint::Message,
+    },
+    Route {
+        method: "POST",
+        path: "/messages/{id}/retry",
+        needs_token: true,
+        endpoint: Endpoint::Retry,
+    },
+    Route {
+        method: "POST",
+        path: "/messages/{id}/cancel",
+        needs_token: true,
+        endpoint: Endpoint::Cancel,
+    },
+    Route {
+        method: "POST",
+        path: "/messages/retry",
+        needs_token: true,
+        endpoint: Endpoint::RetryMany,
+    },
 ];
+
+/// The routes that serve `path` (all of one path template: the one with the fewest `{…}`
+/// segments among those that match) and the values of its `{…}` segments; None when no route
+/// does.
+pub fn routes_for(path: &str) -> Option<(Vec<&'static Route>, Vec<&str>)> {
+    let mut best: Option<(&'static str, Vec<&str>)> = None;
+    for route in ROUTES {
+        let Some(params) = match_template(route.path, path) else {
+            continue;
+        };
+        if best.as_ref().is_none_or(|(_, p)| params.len() < p.len()) {
+            best = Some((route.path, params));
+        }
+    }
+    let (template, params) = best?;
+    let routes = ROUTES.iter().filter(|r| r.path == template).collect();
+    Some((routes, params))
+}
+
+/// The values of `template`'s `{…}` segments in `path`, if it matches.
+fn match_template<'p>(template: &str, path: &'p str) -> Option<Vec<&'p str>> {
+    let mut params = Vec::new();
+    let mut segments = path.split('/');
+    for expected in template.split('/') {
+        let segment = segments.next()?;
+        if expected.starts_with('{') && expected.ends_with('}') {
+            if segment.is_empty() {
+                return None;
+            }
+            params.push(segment);
+        } else if expected != segment {
+            return None;
+        }
+    }
+    segments.next().is_none().then_some(params)
+}
 
 pub struct Api {
     server: Arc<Server>,
@@ -289,8 +380,12 @@ enum Job {
     Health,
     Metrics,
     Switch(bool),
-    Sent { limit: u32, before: Option<i64> },
-    Enqueue { recipient: String, content: String },
+    Sent {
+        limit: u32,
+        before: Option<i64>,
+    },
+    /// Enqueue and the operations on messages (src/api/messages.rs).
+    Messages(messages::Job),
 }
 
 /// An answer, built without touching the socket.
@@ -349,12 +444,10 @@ impl Front {
         let method_label = method_label(&method);
         let url = request.url().to_owned();
         let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-        let mut at_path = ROUTES.iter().filter(|r| r.path == path).peekable();
-        let Some(first) = at_path.peek() else {
+        let Some((allowed, params)) = routes_for(path) else {
             return ("unmatched", method_label, Reply::error(404, "not found"));
         };
-        let path_label = first.path;
-        let allowed: Vec<&Route> = at_path.collect();
+        let path_label = allowed[0].path;
         let found = allowed
             .iter()
             .find(|r| r.method == method || (method == "HEAD" && r.method == "GET"));
@@ -362,7 +455,8 @@ impl Front {
             return (path_label, method_label, method_not_allowed(&allowed));
         };
         let reply = self
-            .endpoint(route.endpoint, request, query)
+            .authorize(route, request)
+            .and_then(|()| self.endpoint(route.endpoint, request, query, &params))
             .unwrap_or_else(|r| r);
         (path_label, method_label, reply)
     }
@@ -372,6 +466,7 @@ impl Front {
         endpoint: Endpoint,
         request: &mut Request,
         query: &str,
+        params: &[&str],
     ) -> Result<Reply, Reply> {
         match endpoint {
             Endpoint::OpenApi => Ok(Reply {
@@ -386,24 +481,27 @@ impl Front {
                 let (limit, before) = parse_sent_query(query).map_err(|msg| bad(&msg))?;
                 self.run(Job::Sent { limit, before })
             }
-            Endpoint::Start | Endpoint::Stop => {
-                self.authorize(request)?;
-                self.run(Job::Switch(endpoint == Endpoint::Start))
-            }
-            Endpoint::Enqueue => {
-                self.authorize(request)?;
-                let body = read_body(request)?;
-                let (recipient, content) =
-                    parse_new_message(&body, self.content_max_length).map_err(|msg| bad(&msg))?;
-                self.run(Job::Enqueue { recipient, content })
+            Endpoint::Start | Endpoint::Stop => self.run(Job::Switch(endpoint == Endpoint::Start)),
+            Endpoint::Enqueue
+            | Endpoint::Message
+            | Endpoint::Messages
+            | Endpoint::Retry
+            | Endpoint::RetryMany
+            | Endpoint::Cancel => {
+                let job = self.messages_job(endpoint, request, query, params)?;
+                self.run(Job::Messages(job))
             }
         }
     }
 
-    fn authorize(&self, request: &Request) -> Result<(), Reply> {
+    /// Refuses a request without the right token for a route that needs one.
+    fn authorize(&self, route: &Route, request: &Request) -> Result<(), Reply> {
         let Some(expected) = &self.token_digest else {
             return Ok(());
         };
+        if !route.needs_token {
+            return Ok(());
+        }
         let given = request
             .headers()
             .iter()
@@ -534,10 +632,7 @@ impl Backend {
                     Reply::json(200, &json!({ "messages": messages, "next": next }))
                 })
             }
-            Job::Enqueue { recipient, content } => self
-                .store
-                .insert_message(&recipient, &content)
-                .map(|id| Reply::json(201, &json!({ "id": id }))),
+            Job::Messages(job) => messages::answer(&mut self.store, job),
         };
         result.unwrap_or_else(unavailable)
     }
@@ -578,6 +673,7 @@ impl Backend {
         if let Ok((pending, sending)) = self.store.queue_depth() {
             self.metrics.set_queue_depth(pending, sending);
         }
+        messages::refresh_metrics(&mut self.store, &self.metrics);
         if let Ok(state) = self.store.state() {
             self.status
                 .processing_enabled
@@ -606,6 +702,15 @@ impl Backend {
 
 /// Parses `GET /messages/sent`'s query; the error names the parameter.
 pub fn parse_sent_query(query: &str) -> Result<(u32, Option<i64>), String> {
+    parse_page_query(query, |_, _| Ok(false))
+}
+
+/// Parses a page's `limit` and `before`; `other` takes the route's own parameters (true when it
+/// knows the name). The error names the parameter.
+fn parse_page_query(
+    query: &str,
+    mut other: impl FnMut(&str, &str) -> Result<bool, String>,
+) -> Result<(u32, Option<i64>), String> {
     let mut limit = SENT_PAGE_DEFAULT;
     let mut before = None;
     for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
@@ -628,14 +733,18 @@ pub fn parse_sent_query(query: &str) -> Result<(u32, Option<i64>), String> {
                         .ok_or("before: expected a positive message id")?,
                 );
             }
-            other => return Err(format!("{other}: unknown query parameter")),
+            name => {
+                if !other(name, &value)? {
+                    return Err(format!("{name}: unknown query parameter"));
+                }
+            }
         }
     }
     Ok((limit, before))
 }
 
 /// Validates a `POST /messages` body; the error names the field.
-pub fn parse_new_message(body: &[u8], content_max: usize) -> Result<(String, String), String> {
+pub fn parse_new_message(body: &[u8], content_max: usize) -> Result<NewMessage, String> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| format!("body: not valid JSON ({e})"))?;
     let Value::Object(fields) = value else {
@@ -643,7 +752,7 @@ pub fn parse_new_message(body: &[u8], content_max: usize) -> Result<(String, Str
     };
     if let Some(unknown) = fields
         .keys()
-        .find(|k| !matches!(k.as_str(), "recipient" | "content"))
+        .find(|k| !matches!(k.as_str(), "recipient" | "content" | "send_at"))
     {
         return Err(format!("{unknown}: unknown field"));
     }
@@ -675,7 +784,16 @@ pub fn parse_new_message(body: &[u8], content_max: usize) -> Result<(String, Str
     if content.contains('\0') {
         return Err("content: must not contain NUL characters".into());
     }
-    Ok((recipient, content))
+    let send_at = match fields.get("send_at") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(at)) => Some(parse_time("send_at", at)?),
+        Some(_) => return Err("send_at: expected an RFC 3339 date-time string".into()),
+    };
+    Ok(NewMessage {
+        recipient,
+        content,
+        send_at,
+    })
 }
 
 /// Reads the body up to [`MAX_BODY`]; a larger one is refused without reading the rest (at once
@@ -724,9 +842,12 @@ mod tests {
 
     #[test]
     fn valid_message() {
-        let (r, c) =
+        let m =
             parse_new_message(br#"{"recipient":"+905551111111","content":"hello"}"#, 160).unwrap();
-        assert_eq!((r.as_str(), c.as_str()), ("+905551111111", "hello"));
+        assert_eq!(
+            (m.recipient.as_str(), m.content.as_str(), m.send_at),
+            ("+905551111111", "hello", None)
+        );
     }
 
     #[test]
@@ -764,8 +885,8 @@ mod tests {
             .expect("valid UTF-8");
         assert_eq!(recipient, "\u{7b2}ƖƳړ");
         let body = serde_json::json!({ "recipient": recipient, "content": "x" }).to_string();
-        let (r, c) = parse_new_message(body.as_bytes(), 160).unwrap();
-        assert_eq!((r.as_str(), c.as_str()), (recipient, "x"));
+        let m = parse_new_message(body.as_bytes(), 160).unwrap();
+        assert_eq!((m.recipient.as_str(), m.content.as_str()), (recipient, "x"));
     }
 
     #[test]

@@ -181,6 +181,15 @@ pub enum Ended {
     Unsent,
 }
 
+impl Ended {
+    pub fn statuses(self) -> &'static [&'static str] {
+        match self {
+            Ended::Sent => &["sent"],
+            Ended::Unsent => RETRYABLE,
+        }
+    }
+}
+
 impl Store {
     /// One message with its attempt history, or None.
     pub fn message(&mut self, id: i64) -> Result<Option<Message>, Error> {
@@ -216,10 +225,8 @@ impl Store {
              ORDER BY m.id DESC LIMIT $1"
         );
         let rows = self.with(|c| {
-            c.client.query(
-                sql.as_str(),
-                &[&(i64::from(limit) + 1), &before, &status],
-            )
+            c.client
+                .query(sql.as_str(), &[&(i64::from(limit) + 1), &before, &status])
         })?;
         let mut page: Vec<Message> = rows.iter().map(Message::from_row).collect();
         let next = if page.len() > limit as usize {
@@ -386,10 +393,7 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<(&'static str, u64)>, Error> {
         let age_ms = age.as_millis().min(i64::MAX as u128) as i64;
-        let statuses: &[&'static str] = match which {
-            Ended::Sent => &["sent"],
-            Ended::Unsent => RETRYABLE,
-        };
+        let statuses = which.statuses();
         let mut deleted = Vec::with_capacity(statuses.len());
         for status in statuses {
             // One status per statement: each is a range scan of its own index.
