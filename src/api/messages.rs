@@ -291,7 +291,7 @@ pub fn parse_bulk_retry(body: &[u8]) -> Result<BulkRetry, String> {
     let since = optional_time(&fields, "since")?;
     let until = optional_time(&fields, "until")?;
     let limit = match fields.get("limit") {
-        None | Some(Value::Null) => BULK_RETRY_DEFAULT,
+        None => BULK_RETRY_DEFAULT,
         Some(v) => v
             .as_u64()
             .filter(|n| (1..=u64::from(BULK_RETRY_MAX)).contains(n))
@@ -564,6 +564,7 @@ mod tests {
             (br#"{"status":"failed","limit":0}"#, "limit"),
             (br#"{"status":"failed","limit":10001}"#, "limit"),
             (br#"{"status":"failed","limit":1.5}"#, "limit"),
+            (br#"{"status":"failed","limit":null}"#, "limit"),
             (br#"{"status":"failed","since":"x"}"#, "since"),
             (br#"{"status":"failed","extra":1}"#, "extra"),
         ] {
