@@ -17,7 +17,9 @@ ALTER TABLE messages
     -- Not sent before this instant (NULL: as soon as possible). An insert that sets it starts
     -- next_attempt_at there (trigger below), so the claim needs no change.
     ADD COLUMN send_at TIMESTAMPTZ,
-    ADD CONSTRAINT messages_attempts_base_in_range
+    -- (Named to sort after messages_attempts_not_negative: PostgreSQL checks constraints in
+    -- name order, and a negative `attempts` should be reported as that.)
+    ADD CONSTRAINT messages_attempts_since_retry_in_range
         CHECK (attempts_base >= 0 AND attempts_base <= attempts),
     ADD CONSTRAINT messages_idempotency_key_length
         CHECK (char_length(idempotency_key) BETWEEN 1 AND 255);
