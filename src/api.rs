@@ -45,7 +45,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::{self, Metrics};
 use crate::status::Status;
-use crate::store::Store;
+use crate::store::{NewMessage, Store};
 
 /// Threads running database work for the API: enough that a slow query does not hold up
 /// `/health`, few enough to stay a small share of PostgreSQL's connections.
@@ -66,11 +66,23 @@ pub const RECIPIENT_MAX: usize = 254;
 /// serves it with `content`'s `maxLength` set to this instance's CONTENT_MAX_LENGTH.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
-/// One served route. `GET` routes also answer `HEAD`.
+mod messages;
+pub use messages::{
+    check_idempotency_key, parse_bulk_retry, parse_id, parse_list_query, parse_retry_body,
+    parse_time, BULK_RETRY_MAX, STATUSES,
+};
+
+/// One served route. `GET` routes also answer `HEAD`. A path segment `{name}` matches any
+/// non-empty segment; a path without one wins over one with (`/messages/sent` is not the message
+/// `sent`), as OpenAPI resolves them.
 #[derive(Debug)]
 pub struct Route {
     pub method: &'static str,
     pub path: &'static str,
+    /// With API_TOKEN set, the route needs `Authorization: Bearer <token>`: every route that
+    /// reads or changes messages or the processing switch. Probes, the scrape and the document
+    /// stay open.
+    pub needs_token: bool,
     endpoint: Endpoint,
 }
 
@@ -83,6 +95,11 @@ enum Endpoint {
     Start,
     Stop,
     Enqueue,
+    Message,
+    Messages,
+    Retry,
+    RetryMany,
+    Cancel,
 }
 
 /// Every route the API serves: the router dispatches from this table, `405`'s `Allow` header
@@ -91,39 +108,113 @@ pub const ROUTES: &[Route] = &[
     Route {
         method: "GET",
         path: "/health",
+        needs_token: false,
         endpoint: Endpoint::Health,
     },
     Route {
         method: "GET",
         path: "/metrics",
+        needs_token: false,
         endpoint: Endpoint::Metrics,
     },
     Route {
         method: "GET",
         path: "/openapi.json",
+        needs_token: false,
         endpoint: Endpoint::OpenApi,
     },
     Route {
         method: "GET",
         path: "/messages/sent",
+        needs_token: true,
         endpoint: Endpoint::SentMessages,
     },
     Route {
         method: "POST",
         path: "/messages",
+        needs_token: true,
         endpoint: Endpoint::Enqueue,
     },
     Route {
         method: "POST",
         path: "/processing/start",
+        needs_token: true,
         endpoint: Endpoint::Start,
     },
     Route {
         method: "POST",
         path: "/processing/stop",
+        needs_token: true,
         endpoint: Endpoint::Stop,
     },
+    // Operations on messages (issue #12): src/api/messages.rs.
+    Route {
+        method: "GET",
+        path: "/messages",
+        needs_token: true,
+        endpoint: Endpoint::Messages,
+    },
+    Route {
+        method: "GET",
+        path: "/messages/{id}",
+        needs_token: true,
+        endpoint: Endpoint::Message,
+    },
+    Route {
+        method: "POST",
+        path: "/messages/{id}/retry",
+        needs_token: true,
+        endpoint: Endpoint::Retry,
+    },
+    Route {
+        method: "POST",
+        path: "/messages/{id}/cancel",
+        needs_token: true,
+        endpoint: Endpoint::Cancel,
+    },
+    Route {
+        method: "POST",
+        path: "/messages/retry",
+        needs_token: true,
+        endpoint: Endpoint::RetryMany,
+    },
 ];
+
+/// The routes that serve `path` (all of one path template: the one with the fewest `{…}`
+/// segments among those that match) and the values of its `{…}` segments; None when no route
+/// does.
+pub fn routes_for(path: &str) -> Option<(Vec<&'static Route>, Vec<&str>)> {
+    let mut best: Option<(&'static str, Vec<&str>)> = None;
+    for route in ROUTES {
+        let Some(params) = match_template(route.path, path) else {
+            continue;
+        };
+        if best.as_ref().is_none_or(|(_, p)| params.len() < p.len()) {
+            best = Some((route.path, params));
+        }
+    }
+    let (template, params) = best?;
+    let routes = ROUTES.iter().filter(|r| r.path == template).collect();
+    Some((routes, params))
+}
+
+/// The values of `template`'s `{…}` segments in `path`, if it matches.
+fn match_template<'p>(template: &str, path: &'p str) -> Option<Vec<&'p str>> {
+    let mut params = Vec::new();
+    let mut segments = path.split('/');
+    for expected in template.split('/') {
+        let segment = segments.next()?;
+        if expected.starts_with('{') && expected.ends_with('}') {
+            if segment.is_empty() {
+                return None;
+            }
+            params.push(segment);
+        } else if expected != segment {
+            return None;
+        }
+    }
+    segments.next().is_none().then_some(params)
+}
 
 pub struct Api {
     server: Arc<Server>,
@@ -161,6 +252,7 @@ impl Api {
             metrics,
             token_digest: config.api_token.as_deref().map(digest),
             content_max_length: config.content_max_length,
+            message_ttl: config.message_ttl,
             openapi: openapi_document(config.content_max_length),
         });
         let connections = Arc::new(Connections {
@@ -281,6 +373,7 @@ struct Front {
     /// lengths.
     token_digest: Option<[u8; 32]>,
     content_max_length: usize,
+    message_ttl: Option<Duration>,
     openapi: Arc<Vec<u8>>,
 }
 
@@ -289,8 +382,12 @@ enum Job {
     Health,
     Metrics,
     Switch(bool),
-    Sent { limit: u32, before: Option<i64> },
-    Enqueue(NewMessage),
+    Sent {
+        limit: u32,
+        before: Option<i64>,
+    },
+    /// Enqueue and the operations on messages (src/api/messages.rs).
+    Messages(messages::Job),
 }
 
 /// An answer, built without touching the socket.
@@ -349,12 +446,10 @@ impl Front {
         let method_label = method_label(&method);
         let url = request.url().to_owned();
         let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-        let mut at_path = ROUTES.iter().filter(|r| r.path == path).peekable();
-        let Some(first) = at_path.peek() else {
+        let Some((allowed, params)) = routes_for(path) else {
             return ("unmatched", method_label, Reply::error(404, "not found"));
         };
-        let path_label = first.path;
-        let allowed: Vec<&Route> = at_path.collect();
+        let path_label = allowed[0].path;
         let found = allowed
             .iter()
             .find(|r| r.method == method || (method == "HEAD" && r.method == "GET"));
@@ -362,7 +457,8 @@ impl Front {
             return (path_label, method_label, method_not_allowed(&allowed));
         };
         let reply = self
-            .endpoint(route.endpoint, request, query)
+            .authorize(route, request)
+            .and_then(|()| self.endpoint(route.endpoint, request, query, &params))
             .unwrap_or_else(|r| r);
         (path_label, method_label, reply)
     }
@@ -372,6 +468,7 @@ impl Front {
         endpoint: Endpoint,
         request: &mut Request,
         query: &str,
+        params: &[&str],
     ) -> Result<Reply, Reply> {
         match endpoint {
             Endpoint::OpenApi => Ok(Reply {
@@ -386,24 +483,27 @@ impl Front {
                 let (limit, before) = parse_sent_query(query).map_err(|msg| bad(&msg))?;
                 self.run(Job::Sent { limit, before })
             }
-            Endpoint::Start | Endpoint::Stop => {
-                self.authorize(request)?;
-                self.run(Job::Switch(endpoint == Endpoint::Start))
-            }
-            Endpoint::Enqueue => {
-                self.authorize(request)?;
-                let body = read_body(request)?;
-                let message =
-                    parse_new_message(&body, self.content_max_length).map_err(|msg| bad(&msg))?;
-                self.run(Job::Enqueue(message))
+            Endpoint::Start | Endpoint::Stop => self.run(Job::Switch(endpoint == Endpoint::Start)),
+            Endpoint::Enqueue
+            | Endpoint::Message
+            | Endpoint::Messages
+            | Endpoint::Retry
+            | Endpoint::RetryMany
+            | Endpoint::Cancel => {
+                let job = self.messages_job(endpoint, request, query, params)?;
+                self.run(Job::Messages(job))
             }
         }
     }
 
-    fn authorize(&self, request: &Request) -> Result<(), Reply> {
+    /// Refuses a request without the right token for a route that needs one.
+    fn authorize(&self, route: &Route, request: &Request) -> Result<(), Reply> {
         let Some(expected) = &self.token_digest else {
             return Ok(());
         };
+        if !route.needs_token {
+            return Ok(());
+        }
         let given = request
             .headers()
             .iter()
@@ -534,10 +634,7 @@ impl Backend {
                     Reply::json(200, &json!({ "messages": messages, "next": next }))
                 })
             }
-            Job::Enqueue(m) => self
-                .store
-                .insert_message(&m.recipient, &m.content, m.expires_at)
-                .map(|id| Reply::json(201, &json!({ "id": id }))),
+            Job::Messages(job) => messages::answer(&mut self.store, job),
         };
         result.unwrap_or_else(unavailable)
     }
@@ -578,6 +675,7 @@ impl Backend {
         if let Ok((pending, sending)) = self.store.queue_depth() {
             self.metrics.set_queue_depth(pending, sending);
         }
+        messages::refresh_metrics(&mut self.store, &self.metrics);
         if let Ok(state) = self.store.state() {
             self.status
                 .processing_enabled
@@ -606,6 +704,15 @@ impl Backend {
 
 /// Parses `GET /messages/sent`'s query; the error names the parameter.
 pub fn parse_sent_query(query: &str) -> Result<(u32, Option<i64>), String> {
+    parse_page_query(query, |_, _| Ok(false))
+}
+
+/// Parses a page's `limit` and `before`; `other` takes the route's own parameters (true when it
+/// knows the name). The error names the parameter.
+fn parse_page_query(
+    query: &str,
+    mut other: impl FnMut(&str, &str) -> Result<bool, String>,
+) -> Result<(u32, Option<i64>), String> {
     let mut limit = SENT_PAGE_DEFAULT;
     let mut before = None;
     for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
@@ -628,20 +735,14 @@ pub fn parse_sent_query(query: &str) -> Result<(u32, Option<i64>), String> {
                         .ok_or("before: expected a positive message id")?,
                 );
             }
-            other => return Err(format!("{other}: unknown query parameter")),
+            name => {
+                if !other(name, &value)? {
+                    return Err(format!("{name}: unknown query parameter"));
+                }
+            }
         }
     }
     Ok((limit, before))
-}
-
-/// A valid `POST /messages` body.
-#[derive(Debug, PartialEq, Eq)]
-pub struct NewMessage {
-    pub recipient: String,
-    pub content: String,
-    /// None (absent or null): MESSAGE_TTL applies, if set. A time already past is accepted,
-    /// as an INSERT would be: the message expires at the next claim without being sent.
-    pub expires_at: Option<std::time::SystemTime>,
 }
 
 /// Validates a `POST /messages` body; the error names the field.
@@ -651,10 +752,12 @@ pub fn parse_new_message(body: &[u8], content_max: usize) -> Result<NewMessage, 
     let Value::Object(fields) = value else {
         return Err("body: expected a JSON object with recipient and content".into());
     };
-    if let Some(unknown) = fields
-        .keys()
-        .find(|k| !matches!(k.as_str(), "recipient" | "content" | "expires_at"))
-    {
+    if let Some(unknown) = fields.keys().find(|k| {
+        !matches!(
+            k.as_str(),
+            "recipient" | "content" | "send_at" | "expires_at"
+        )
+    }) {
         return Err(format!("{unknown}: unknown field"));
     }
     let text = |name: &str| match fields.get(name) {
@@ -685,16 +788,17 @@ pub fn parse_new_message(body: &[u8], content_max: usize) -> Result<NewMessage, 
     if content.contains('\0') {
         return Err("content: must not contain NUL characters".into());
     }
-    let expires_at = match fields.get("expires_at") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => {
-            Some(crate::timestamp::parse_rfc3339(s).map_err(|e| format!("expires_at: {e}"))?)
-        }
-        Some(_) => return Err("expires_at: expected an RFC 3339 date-time string".into()),
+    let time = |name: &str| match fields.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(at)) => parse_time(name, at).map(Some),
+        Some(_) => Err(format!("{name}: expected an RFC 3339 date-time string")),
     };
+    let send_at = time("send_at")?;
+    let expires_at = time("expires_at")?;
     Ok(NewMessage {
         recipient,
         content,
+        send_at,
         expires_at,
     })
 }
@@ -748,8 +852,13 @@ mod tests {
         let m =
             parse_new_message(br#"{"recipient":"+905551111111","content":"hello"}"#, 160).unwrap();
         assert_eq!(
-            (m.recipient.as_str(), m.content.as_str(), m.expires_at),
-            ("+905551111111", "hello", None)
+            (
+                m.recipient.as_str(),
+                m.content.as_str(),
+                m.send_at,
+                m.expires_at
+            ),
+            ("+905551111111", "hello", None, None)
         );
     }
 

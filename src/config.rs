@@ -50,6 +50,10 @@ pub struct Config {
     pub lock_ttl: Duration,
     pub lock_key: String,
     pub api_token: Option<String>,
+    /// SENT_RETENTION: `sent` rows older than this are deleted; None = kept for ever.
+    pub sent_retention: Option<Duration>,
+    /// FAILED_RETENTION: the same for `failed`, `expired` and `cancelled` rows.
+    pub failed_retention: Option<Duration>,
     pub log_level: log::LevelFilter,
     pub log_format: LogFormat,
     /// RUST_LOG, when set, overrides LOG_LEVEL with env_logger's filter syntax.
@@ -104,6 +108,8 @@ pub const VARIABLES: &[&str] = &[
     "DISTRIBUTED_LOCK_TTL",
     "DISTRIBUTED_LOCK_KEY",
     "API_TOKEN",
+    "SENT_RETENTION",
+    "FAILED_RETENTION",
     "LOG_LEVEL",
     "LOG_FORMAT",
     "RUST_LOG",
@@ -149,6 +155,8 @@ impl Config {
                 .unwrap_or("message-dispatcher:lock")
                 .to_owned(),
             api_token: env.get("API_TOKEN").map(str::to_owned),
+            sent_retention: env.optional_duration("SENT_RETENTION")?,
+            failed_retention: env.optional_duration("FAILED_RETENTION")?,
             log_level: log_level(&env)?,
             log_format: log_format(&env)?,
             rust_log: env.get("RUST_LOG").map(str::to_owned),
@@ -250,7 +258,8 @@ impl fmt::Display for Config {
             .as_ref()
             .map_or("<unset>".to_owned(), |u| redact_url(u.as_str()));
         let pg = self.postgres().ok();
-        let lines: [(&str, String); 32] = [
+        let retention = |d: Option<Duration>| d.map_or("<unset>".into(), fmt_duration);
+        let lines: [(&str, String); 34] = [
             ("DATABASE_URL", redact_url(&self.database_url)),
             ("DB_SSL_ROOT_CERT", path_or_unset(&self.db_ssl_root_cert)),
             (
@@ -311,6 +320,8 @@ impl fmt::Display for Config {
             ("DISTRIBUTED_LOCK_TTL", fmt_duration(self.lock_ttl)),
             ("DISTRIBUTED_LOCK_KEY", self.lock_key.clone()),
             ("API_TOKEN", set(self.api_token.is_some()).into()),
+            ("SENT_RETENTION", retention(self.sent_retention)),
+            ("FAILED_RETENTION", retention(self.failed_retention)),
             ("LOG_LEVEL", self.log_level.to_string().to_lowercase()),
             (
                 "LOG_FORMAT",
@@ -414,6 +425,14 @@ impl Env<'_> {
             return Err(Error::Config(format!("{name}: must be longer than 0")));
         }
         Ok(parsed)
+    }
+
+    /// A duration longer than 0, or None when unset.
+    fn optional_duration(&self, name: &str) -> Result<Option<Duration>, Error> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(raw) => self.duration(name, raw, false).map(Some),
+        }
     }
 
     fn boolean(&self, name: &str, default: bool) -> Result<bool, Error> {
@@ -704,6 +723,9 @@ mod tests {
             ("MESSAGE_TTL", "soon"),
             ("MESSAGE_TTL", "500us"),
             ("MESSAGE_TTL", "11years"),
+            ("SENT_RETENTION", "0"),
+            ("SENT_RETENTION", "forever"),
+            ("FAILED_RETENTION", "7"),
         ] {
             let msg = error_of(&[(name, value)]);
             assert!(
@@ -711,6 +733,17 @@ mod tests {
                 "{name}={value}: {msg}"
             );
         }
+    }
+
+    #[test]
+    fn retention_is_off_unless_set() {
+        let c = parse(&[]).unwrap();
+        assert_eq!((c.sent_retention, c.failed_retention), (None, None));
+        assert!(c.to_string().contains("SENT_RETENTION=<unset>\n"));
+        let c = parse(&[("SENT_RETENTION", "7d"), ("FAILED_RETENTION", "30d")]).unwrap();
+        assert_eq!(c.sent_retention, Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(c.failed_retention, Some(Duration::from_secs(30 * 86400)));
+        assert!(c.to_string().contains("FAILED_RETENTION=30days\n"), "{c}");
     }
 
     #[test]

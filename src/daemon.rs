@@ -18,6 +18,7 @@ use crate::lease::Leadership;
 use crate::listener::Listener;
 use crate::metrics::Metrics;
 use crate::rate::RateLimit;
+use crate::retention::Retention;
 use crate::scheduler::{Parts, Scheduler};
 use crate::shutdown::Shutdown;
 use crate::status::{new_instance_id, Status};
@@ -80,6 +81,8 @@ pub fn serve(config: &Config) -> Result<(), Error> {
         None
     };
     let api = Api::start(config, status.clone(), metrics.clone())?;
+    // Stops on its own with the shutdown; a statement in progress ends within its deadline.
+    Retention::start(config, status.clone(), metrics.clone(), shutdown.clone())?;
 
     log::info!(
         instance_id = instance_id.as_str(),

@@ -18,6 +18,7 @@ pub mod notify;
 pub mod outcomes;
 pub mod pg;
 pub mod rate;
+pub mod retention;
 pub mod scheduler;
 pub mod shutdown;
 pub mod status;

@@ -9,7 +9,8 @@
 //! and names counter families with their `_total` suffix).
 
 use std::sync::atomic::AtomicU64;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -39,6 +40,12 @@ pub struct Metrics {
     pub webhook_latency: Histogram,
     pub batch_duration: Histogram,
     pub queue_depth: Family<Vec<(String, String)>, Gauge>,
+    /// How long the oldest due `pending` message has waited since it fell due.
+    pub oldest_due_age: Gauge<f64, AtomicU64>,
+    /// Rows deleted by retention, by status.
+    pub pruned: Family<Vec<(String, String)>, Counter>,
+    /// When the ended rows (`sent`, `failed`, …) were last counted for `queue_depth`.
+    ended_counted_at: Mutex<Option<Instant>>,
     pub lock_acquisitions: Counter,
     pub lock_acquire_failures: Counter,
     pub lock_extensions: Counter,
@@ -68,6 +75,9 @@ impl Metrics {
             webhook_latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             batch_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             queue_depth: Family::default(),
+            oldest_due_age: Gauge::default(),
+            pruned: Family::default(),
+            ended_counted_at: Mutex::new(None),
             lock_acquisitions: Counter::default(),
             lock_acquire_failures: Counter::default(),
             lock_extensions: Counter::default(),
@@ -122,8 +132,18 @@ impl Metrics {
         );
         r.register(
             "queue_depth",
-            "Messages by status (pending, sending)",
+            "Messages by status: pending and sending counted at each scrape, the others (sent, failed, expired, cancelled) at most once a minute",
             m.queue_depth.clone(),
+        );
+        r.register(
+            "oldest_due_pending_age_seconds",
+            "How long the oldest due pending message has been due (0 when none is)",
+            m.oldest_due_age.clone(),
+        );
+        r.register(
+            "messages_pruned",
+            "Messages deleted by retention (SENT_RETENTION, FAILED_RETENTION), by status",
+            m.pruned.clone(),
         );
         r.register(
             "lock_acquisitions",
@@ -216,10 +236,35 @@ impl Metrics {
 
     pub fn set_queue_depth(&self, pending: i64, sending: i64) {
         for (status, n) in [("pending", pending), ("sending", sending)] {
-            self.queue_depth
-                .get_or_create(&vec![("status".to_owned(), status.to_owned())])
-                .set(n);
+            self.set_depth(status, n);
         }
+    }
+
+    pub fn set_depth(&self, status: &str, n: i64) {
+        self.queue_depth
+            .get_or_create(&vec![("status".to_owned(), status.to_owned())])
+            .set(n);
+    }
+
+    /// Whether the ended rows are due to be counted again (at most every `period`); claims the
+    /// next count for the caller.
+    pub fn ended_count_due(&self, period: Duration) -> bool {
+        let mut at = self
+            .ended_counted_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if at.is_some_and(|t| t.elapsed() < period) {
+            return false;
+        }
+        *at = Some(Instant::now());
+        true
+    }
+
+    /// Counts rows deleted by retention.
+    pub fn pruned(&self, status: &str, n: u64) {
+        self.pruned
+            .get_or_create(&vec![("status".to_owned(), status.to_owned())])
+            .inc_by(n);
     }
 
     /// Counts one answered API request; `route` is `unmatched` for unknown paths.

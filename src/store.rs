@@ -19,6 +19,9 @@ use crate::message::{Attempt, Claimed, Delivery};
 use crate::pg::Client;
 use crate::shutdown::Shutdown;
 
+mod operations;
+pub use operations::{Change, Ended, Enqueued, Message, NewMessage, RETRYABLE};
+
 /// The migrations in `sql/`, applied in this order, each once.
 const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_messages", include_str!("../sql/0001_messages.sql")),
@@ -27,6 +30,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0004_attempt_history",
         include_str!("../sql/0004_attempt_history.sql"),
+    ),
+    (
+        "0005_operations",
+        include_str!("../sql/0005_operations.sql"),
     ),
 ];
 

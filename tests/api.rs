@@ -10,7 +10,10 @@ use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
-use message_dispatcher::api::{parse_new_message, parse_sent_query, OPENAPI, ROUTES};
+use message_dispatcher::api::{
+    check_idempotency_key, parse_bulk_retry, parse_list_query, parse_new_message, parse_sent_query,
+    Route, OPENAPI, ROUTES,
+};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
@@ -169,14 +172,19 @@ fn call(
         .unwrap_or_else(|| panic!("no answer to {method} {target}"))
 }
 
+/// A GET with the token (which the open routes ignore).
 fn get_json(port: u16, target: &str) -> Value {
-    let r = call(port, "GET", target, &[], None);
+    let r = call(port, "GET", target, &[("Authorization", &bearer())], None);
     assert_eq!(r.status, 200, "{target}: {}", r.text());
     r.json()
 }
 
+fn bearer() -> String {
+    format!("Bearer {TOKEN}")
+}
+
 fn post(port: u16, target: &str, body: &str) -> Http {
-    let auth = format!("Bearer {TOKEN}");
+    let auth = bearer();
     call(
         port,
         "POST",
@@ -375,7 +383,15 @@ fn sent_messages_page_newest_first_each_exactly_once() {
         ("before=99999999999999999999", "before"),
         ("limit=5&colour=red", "colour"),
     ] {
-        let error = call(d.port, "GET", &format!("/messages/sent?{query}"), &[], None).error(400);
+        let target = format!("/messages/sent?{query}");
+        let error = call(
+            d.port,
+            "GET",
+            &target,
+            &[("Authorization", &bearer())],
+            None,
+        )
+        .error(400);
         assert!(error.starts_with(&format!("{name}: ")), "{query}: {error}");
     }
 }
@@ -652,16 +668,30 @@ fn openapi_documents_exactly_the_served_routes() {
             route.method,
             route.path
         );
-        if route.method == "POST" {
+        // The route table says which routes need the token; the document must say the same.
+        if route.needs_token {
             assert_eq!(
                 op["security"],
                 json!([{"bearerAuth": []}]),
                 "{}",
                 route.path
             );
-            assert!(responses.contains_key("401"));
+            assert!(responses.contains_key("401"), "{}", route.path);
         } else {
-            assert!(op.get("security").is_none());
+            assert!(op.get("security").is_none(), "{}", route.path);
+        }
+        // Every {…} segment is a documented path parameter.
+        for name in route.path.split('/').filter_map(|s| s.strip_prefix('{')) {
+            let name = name.trim_end_matches('}');
+            let params = op["parameters"].as_array().expect("path parameters");
+            assert!(
+                params
+                    .iter()
+                    .any(|p| p["in"] == "path" && p["name"] == name),
+                "{} {}: {name}",
+                route.method,
+                route.path
+            );
         }
     }
     assert!(doc["paths"]["/messages"]["post"]["responses"]
@@ -727,13 +757,25 @@ fn openapi_documents_exactly_the_served_routes() {
 // ---------------------------------------------------------------------------------------------
 // Hardening
 
+/// Issue #12, item 10: with API_TOKEN set, every route that reads or changes messages or the
+/// processing switch needs the token — as the route table says — and probes, the scrape and the
+/// document do not.
 #[test]
-fn mutating_calls_need_the_bearer_token() {
+fn every_route_but_probes_and_scrapes_needs_the_bearer_token() {
     let db = TestDb::migrated();
     let receiver = Receiver::start();
     let d = daemon(&db, &receiver, &[]);
+    post(d.port, "/processing/stop", "");
+    let id = db.insert(1)[0];
+    let open: Vec<&str> = ROUTES
+        .iter()
+        .filter(|r| !r.needs_token)
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(open, ["/health", "/metrics", "/openapi.json"]);
     let body = br#"{"recipient":"a","content":"b"}"#;
-    for target in ["/processing/stop", "/processing/start", "/messages"] {
+    for route in ROUTES.iter().filter(|r| r.needs_token) {
+        let target = route.path.replace("{id}", &id.to_string());
         for auth in [
             None,
             Some("Bearer wrong"),
@@ -742,19 +784,33 @@ fn mutating_calls_need_the_bearer_token() {
             Some("Basic dGVzdDp0ZXN0"),
         ] {
             let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", *a)).collect();
-            let r = call(d.port, "POST", target, &headers, Some(body));
+            let r = call(d.port, route.method, &target, &headers, Some(body));
             assert!(r.error(401).contains("token"), "{target} {auth:?}");
             assert_eq!(r.header("WWW-Authenticate"), Some("Bearer"));
+            if route.method == "GET" {
+                let r = call(d.port, "HEAD", &target, &headers, None);
+                assert_eq!(r.status, 401, "HEAD {target}");
+            }
         }
     }
-    assert_eq!(d.health().unwrap().1["processing_status"], "running");
-    assert_eq!(db.count("pending"), 0);
-    // The scheme name is case-insensitive; reads need no token.
+    assert_eq!(d.health().unwrap().1["processing_status"], "stopped");
+    assert_eq!(
+        db.row(id).0,
+        "pending",
+        "a refused call changed the message"
+    );
+    let total: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM messages", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(total, 1);
+    // The scheme name is case-insensitive.
     let lower = format!("bearer {TOKEN}");
     let r = call(
         d.port,
         "POST",
-        "/processing/stop",
+        "/processing/start",
         &[("Authorization", &lower)],
         None,
     );
@@ -763,12 +819,27 @@ fn mutating_calls_need_the_bearer_token() {
         post(d.port, "/messages", std::str::from_utf8(body).unwrap()).status,
         201
     );
-    for target in ["/health", "/metrics", "/openapi.json", "/messages/sent"] {
+    for target in ["/health", "/metrics", "/openapi.json"] {
         assert_eq!(
             call(d.port, "GET", target, &[], None).status,
             200,
             "{target}"
         );
+    }
+    // Reads with the token.
+    for target in [
+        "/messages/sent".to_owned(),
+        "/messages".to_owned(),
+        format!("/messages/{id}"),
+    ] {
+        let r = call(
+            d.port,
+            "GET",
+            &target,
+            &[("Authorization", &bearer())],
+            None,
+        );
+        assert_eq!(r.status, 200, "{target}");
     }
     assert!(
         d.logs().iter().all(|l| !l.contains(TOKEN)),
@@ -796,9 +867,27 @@ fn errors_are_json_with_the_contract_status() {
             "{target}"
         );
     }
-    let r = call(d.port, "GET", "/messages", &[], None);
+    let r = call(d.port, "DELETE", "/messages", &[], None);
+    r.error(405);
+    assert_eq!(r.header("Allow"), Some("POST, GET, HEAD"));
+    // A path without a {…} segment wins over one with: `sent` and `retry` are not message ids.
+    let r = call(d.port, "POST", "/messages/sent", &[], None);
+    r.error(405);
+    assert_eq!(r.header("Allow"), Some("GET, HEAD"));
+    let r = call(d.port, "GET", "/messages/retry", &[], None);
     r.error(405);
     assert_eq!(r.header("Allow"), Some("POST"));
+    let r = call(d.port, "DELETE", "/messages/7", &[], None);
+    r.error(405);
+    assert_eq!(r.header("Allow"), Some("GET, HEAD"));
+    for target in [
+        "/messages/7/",
+        "/messages//retry",
+        "/messages/7/retry/x",
+        "/messages/7/CANCEL",
+    ] {
+        call(d.port, "POST", target, &[], None).error(404);
+    }
     let r = call(d.port, "DELETE", "/health", &[], None);
     r.error(405);
     assert_eq!(r.header("Allow"), Some("GET, HEAD"));
@@ -806,10 +895,12 @@ fn errors_are_json_with_the_contract_status() {
     r.error(405);
 
     // HEAD on every GET route (wget --spider, load balancers): the GET's status and headers, no body.
+    let id = db.insert(1)[0].to_string();
     for route in ROUTES.iter().filter(|r| r.method == "GET") {
+        let target = route.path.replace("{id}", &id);
         let mut stream = connect(d.port);
         stream
-            .write_all(&raw("HEAD", route.path, &[], None))
+            .write_all(&raw("HEAD", &target, &[("Authorization", &bearer())], None))
             .unwrap();
         let head = read_response(&mut stream, true).unwrap();
         assert_eq!(head.status, 200, "HEAD {}", route.path);
@@ -954,7 +1045,14 @@ fn slow_and_stalled_clients_do_not_stall_health() {
     );
     assert_eq!(r.status, 201);
     assert_eq!(call(d.port, "GET", "/metrics", &[], None).status, 200);
-    assert_eq!(call(d.port, "GET", "/messages/sent", &[], None).status, 200);
+    let r = call(
+        d.port,
+        "GET",
+        "/messages/sent",
+        &[("Authorization", &token)],
+        None,
+    );
+    assert_eq!(r.status, 200);
     assert!(started.elapsed() < Duration::from_secs(3));
 
     for s in &held {
@@ -1029,7 +1127,12 @@ fn fuzz_case(rng: &mut impl Rng) -> FuzzCase {
         7 => {
             let query = bad_query(rng);
             (
-                raw("GET", &format!("/messages/sent?{query}"), &[], None),
+                raw(
+                    "GET",
+                    &format!("/messages/sent?{query}"),
+                    &[("Authorization", &auth)],
+                    None,
+                ),
                 format!("query {query}"),
                 None,
             )
@@ -1100,6 +1203,37 @@ fn fuzzed_requests_get_4xx_and_the_daemon_keeps_serving() {
         eprintln!(
             "fuzz seed {seed}: {FUZZ_CASES} requests, statuses {statuses:?}, {closed} closed without an answer"
         );
+        // The operations routes (issue #12), from a generator of their own so that the cases
+        // above stay what they were for each seed.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ OPS_SEED);
+        let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+        for i in 0..OPS_FUZZ_CASES {
+            let case = ops_case(&mut rng);
+            let bytes = case.bytes();
+            let Some(r) = exchange(d.port, &bytes) else {
+                // tiny_http drops a connection whose header is not ASCII.
+                assert!(
+                    matches!(&case, OpsCase::Key(k) if !k[0].is_ascii()),
+                    "seed {seed}, ops case {i}: {case:?}: no answer"
+                );
+                *statuses.entry(0).or_default() += 1;
+                continue;
+            };
+            assert!(
+                (400..500).contains(&r.status),
+                "seed {seed}, ops case {i}: {case:?} got {} {}",
+                r.status,
+                r.text()
+            );
+            if r.status != 400 || !r.body.is_empty() {
+                // Ours (tiny_http's own 400 for a header it cannot parse has no body).
+                r.error(r.status);
+            }
+            *statuses.entry(r.status).or_default() += 1;
+        }
+        eprintln!(
+            "fuzz seed {seed}: {OPS_FUZZ_CASES} operations requests, statuses {statuses:?} (0: closed by the HTTP layer)"
+        );
     }
     assert_eq!(d.health().map(|(s, _)| s), Some(200));
     let stored: i64 = db
@@ -1130,14 +1264,239 @@ fn fuzz_generators_make_only_invalid_requests() {
             );
             let (method, target) = odd_route(&mut rng);
             assert!(
-                !ROUTES.iter().any(|r| r.path == target
-                    && (r.method == method || (r.method == "GET" && method == "HEAD"))),
+                refused_route(&method, &target),
                 "seed {seed}, route {i} is served: {method} {target}"
             );
             let query = bad_query(&mut rng);
             assert!(
                 parse_sent_query(&query).is_err(),
                 "seed {seed}, query {i} is valid: {query}"
+            );
+        }
+    }
+}
+
+/// Mixed into each seed for the operations generator.
+const OPS_SEED: u64 = 0x6f70_735f_6675_7a7a; // "ops_fuzz"
+/// Operations requests per seed.
+const OPS_FUZZ_CASES: usize = 1500;
+
+/// One fuzzed request to the operations routes (issue #12), which must be refused.
+#[derive(Debug)]
+enum OpsCase {
+    /// `GET /messages?…` with a query `parse_list_query` refuses.
+    ListQuery(String),
+    /// A route with an `{id}`: an id that is not one, or names no message (none exists).
+    ById {
+        method: &'static str,
+        target: String,
+        body: Vec<u8>,
+    },
+    /// `POST /messages/retry` with a body `parse_bulk_retry` refuses.
+    Bulk(Vec<u8>),
+    /// `POST /messages` with a valid message but an invalid send_at.
+    SendAt(Vec<u8>),
+    /// `POST /messages` with a valid body but an invalid Idempotency-Key (or two of them).
+    Key(Vec<String>),
+    /// A route that needs the token, without it.
+    NoToken {
+        method: &'static str,
+        target: String,
+    },
+}
+
+impl OpsCase {
+    fn bytes(&self) -> Vec<u8> {
+        let auth = bearer();
+        let with_auth = [("Authorization", auth.as_str())];
+        match self {
+            OpsCase::ListQuery(q) => raw("GET", &format!("/messages?{q}"), &with_auth, None),
+            OpsCase::ById {
+                method,
+                target,
+                body,
+            } => {
+                let body = (*method == "POST").then_some(&body[..]);
+                raw(method, target, &with_auth, body)
+            }
+            OpsCase::Bulk(body) => raw("POST", "/messages/retry", &with_auth, Some(body)),
+            OpsCase::SendAt(body) => raw("POST", "/messages", &with_auth, Some(body)),
+            OpsCase::Key(keys) => {
+                let mut headers: Vec<(&str, &str)> = with_auth.to_vec();
+                headers.extend(keys.iter().map(|k| ("Idempotency-Key", k.as_str())));
+                raw(
+                    "POST",
+                    "/messages",
+                    &headers,
+                    Some(br#"{"recipient":"a","content":"b"}"#),
+                )
+            }
+            OpsCase::NoToken { method, target } => raw(method, target, &[], Some(b"{}")),
+        }
+    }
+
+    /// The generator's premise, checked in-process: the request is refused.
+    fn refused(&self) -> bool {
+        match self {
+            OpsCase::ListQuery(q) => parse_list_query(q).is_err(),
+            OpsCase::ById { method, target, .. } => {
+                let (routes, params) =
+                    message_dispatcher::api::routes_for(target).expect("an {id} route matches");
+                routes.iter().any(|r| r.method == *method) && params.len() == 1
+            }
+            OpsCase::Bulk(body) => parse_bulk_retry(body).is_err(),
+            OpsCase::SendAt(body) => parse_new_message(body, 160).is_err(),
+            OpsCase::Key(keys) => keys.len() > 1 || check_idempotency_key(&keys[0]).is_err(),
+            OpsCase::NoToken { method, target } => message_dispatcher::api::routes_for(target)
+                .is_some_and(|(routes, _)| {
+                    routes.iter().any(|r| r.method == *method && r.needs_token)
+                }),
+        }
+    }
+}
+
+fn pick<'a, T>(rng: &mut impl Rng, items: &'a [T]) -> &'a T {
+    &items[rng.random_range(0..items.len())]
+}
+
+fn ops_case(rng: &mut impl Rng) -> OpsCase {
+    const BAD_TIMES: &[&str] = &[
+        "",
+        "now",
+        "tomorrow",
+        "infinity",
+        "2026-02-30T00:00:00Z",
+        "2026-11-25",
+        "2026-11-25T14:22:15",
+        "2026-11-25T25:00:00Z",
+        "2026-11-25T14:22:15+3",
+        "1764079200",
+        "2026-11-25T14:22:15.Z",
+        "2026-11-25T14:22:15Z ",
+    ];
+    match rng.random_range(0..6) {
+        0 => {
+            let bad_status = [
+                "done",
+                "",
+                "PENDING",
+                "sent,failed",
+                "%00",
+                "failed%20",
+                "pending ",
+            ];
+            let q = match rng.random_range(0..3) {
+                0 => format!("status={}", pick(rng, &bad_status)),
+                1 => format!("status=failed&{}", bad_query(rng)),
+                _ => bad_query(rng),
+            };
+            OpsCase::ListQuery(q)
+        }
+        1 => {
+            let ids = [
+                "0".to_owned(),
+                "-1".into(),
+                "abc".into(),
+                "1.5".into(),
+                "1e3".into(),
+                "99999999999999999999".into(),
+                "%31".into(),
+                "{id}".into(),
+                "+5".into(),
+                rng.random_range(1..i64::MAX).to_string(),
+                rng.random_range(1..1000).to_string(),
+            ];
+            let id = pick(rng, &ids).clone();
+            let (method, target) = match rng.random_range(0..3) {
+                0 => ("GET", format!("/messages/{id}")),
+                1 => ("POST", format!("/messages/{id}/retry")),
+                _ => ("POST", format!("/messages/{id}/cancel")),
+            };
+            let body = match rng.random_range(0..3) {
+                0 => Vec::new(),
+                1 => bad_body(rng),
+                _ => format!(
+                    "{{\"expires_at\":\"{}\"}}",
+                    pick(rng, &["2030-01-01T00:00:00Z", "soon", ""])
+                )
+                .into_bytes(),
+            };
+            OpsCase::ById {
+                method,
+                target,
+                body,
+            }
+        }
+        2 => {
+            let bodies = [
+                "{}".to_owned(),
+                r#"{"status":"sent"}"#.into(),
+                r#"{"status":"cancelled"}"#.into(),
+                r#"{"status":"pending"}"#.into(),
+                r#"{"status":null}"#.into(),
+                r#"{"status":["failed"]}"#.into(),
+                format!(
+                    r#"{{"status":"failed","limit":{}}}"#,
+                    pick(rng, &["0", "-1", "10001", "1.5", "\"5\"", "1e9"])
+                ),
+                format!(
+                    r#"{{"status":"expired","since":"{}"}}"#,
+                    pick(rng, BAD_TIMES)
+                ),
+                format!(
+                    r#"{{"status":"failed","until":"{}"}}"#,
+                    pick(rng, BAD_TIMES)
+                ),
+                r#"{"status":"failed","until":5}"#.into(),
+                r#"{"status":"failed","extra":true}"#.into(),
+                String::from_utf8_lossy(&bad_body(rng)).into_owned(),
+            ];
+            OpsCase::Bulk(pick(rng, &bodies).clone().into_bytes())
+        }
+        3 => {
+            let body = format!(
+                r#"{{"recipient":"a","content":"b","send_at":"{}"}}"#,
+                pick(rng, BAD_TIMES)
+            );
+            let body = if rng.random_range(0..4) == 0 {
+                r#"{"recipient":"a","content":"b","send_at":17}"#.to_owned()
+            } else {
+                body
+            };
+            OpsCase::SendAt(body.into_bytes())
+        }
+        4 => {
+            let keys = match rng.random_range(0..4) {
+                0 => vec!["k".repeat(rng.random_range(256..400))],
+                2 => vec!["x".into(), "y".into()],
+                1 => vec!["a\tb".into()],
+                _ => vec!["caf\u{e9}".into()],
+            };
+            OpsCase::Key(keys)
+        }
+        _ => {
+            let protected: Vec<&Route> = ROUTES.iter().filter(|r| r.needs_token).collect();
+            let route = pick(rng, &protected);
+            let target = route
+                .path
+                .replace("{id}", &rng.random_range(1..100).to_string());
+            OpsCase::NoToken {
+                method: route.method,
+                target,
+            }
+        }
+    }
+}
+
+#[test]
+fn ops_fuzz_generator_makes_only_refused_requests() {
+    for seed in (0..50).chain(FUZZ_SEEDS.iter().copied()) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ OPS_SEED);
+        for i in 0..1000 {
+            let case = ops_case(&mut rng);
+            assert!(
+                case.refused(),
+                "seed {seed}, ops case {i}: {case:?} is valid"
             );
         }
     }
@@ -1163,6 +1522,19 @@ fn fuzz_case_185_of_seed_8217071312645040334_is_invalid() {
         "{:?} is valid",
         String::from_utf8_lossy(&body)
     );
+}
+
+/// Whether `method target` is refused whatever else the request says: no route serves it, or
+/// the route takes an id and this one is not a valid id — or names no message, as none exists
+/// where the fuzz test runs.
+fn refused_route(method: &str, target: &str) -> bool {
+    let Some((routes, params)) = message_dispatcher::api::routes_for(target) else {
+        return true;
+    };
+    let served = routes
+        .iter()
+        .any(|r| r.method == method || (r.method == "GET" && method == "HEAD"));
+    !served || !params.is_empty()
 }
 
 /// A `POST /messages` body that must be refused.
