@@ -628,25 +628,6 @@ impl Store {
         }))
     }
 
-    /// Enqueues one message; without `expires_at` the table's MESSAGE_TTL (if any) applies, as
-    /// for any INSERT.
-    pub fn insert_message(
-        &mut self,
-        recipient: &str,
-        content: &str,
-        expires_at: Option<SystemTime>,
-    ) -> Result<i64, Error> {
-        self.with(|c| {
-            c.client
-                .query_one(
-                    "INSERT INTO messages (recipient, content, expires_at) VALUES ($1, $2, $3)
-                     RETURNING id",
-                    &[&recipient, &content, &expires_at],
-                )
-                .map(|r| r.get(0))
-        })
-    }
-
     /// Inserts many messages in one statement; returns how many.
     pub fn insert_many(
         &mut self,
@@ -680,7 +661,7 @@ impl Store {
                 &[&(i64::from(limit) + 1), &before],
             )
         })?;
-        let mut page: Vec<SentMessage> = rows
+        let page = rows
             .iter()
             .map(|r| SentMessage {
                 id: r.get(0),
@@ -690,13 +671,7 @@ impl Store {
                 remote_message_id: r.get(4),
             })
             .collect();
-        let next = if page.len() > limit as usize {
-            page.truncate(limit as usize);
-            page.last().map(|m| m.id)
-        } else {
-            None
-        };
-        Ok((page, next))
+        Ok(keyset_page(page, limit, |m| m.id))
     }
 
     /// Messages waiting and in flight, from the small partial indexes (cheap on any table size).
@@ -711,6 +686,21 @@ impl Store {
                 .map(|r| (r.get(0), r.get(1)))
         })
     }
+}
+
+/// A page of rows fetched with one row more than `limit` (newest first), and the `before` value
+/// of the next page: the last id kept, when there was more.
+pub(crate) fn keyset_page<T>(
+    mut rows: Vec<T>,
+    limit: u32,
+    id: impl Fn(&T) -> i64,
+) -> (Vec<T>, Option<i64>) {
+    if rows.len() <= limit as usize {
+        return (rows, None);
+    }
+    rows.truncate(limit as usize);
+    let next = rows.last().map(id);
+    (rows, next)
 }
 
 /// Text as PostgreSQL can store it: a `text` value cannot hold U+0000, which a receiver may

@@ -11,7 +11,7 @@ use common::*;
 use message_dispatcher::clock::BootInstant;
 use message_dispatcher::connect::{install_crypto_provider, Postgres};
 use message_dispatcher::message::{Attempt, Delivery};
-use message_dispatcher::store::Store;
+use message_dispatcher::store::{Enqueued, NewMessage, Store};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -309,7 +309,16 @@ fn the_ttl_trigger_fills_in_expires_at_for_any_insert() {
         .unwrap()
         .get(0);
     assert_eq!(with_ttl, 4);
-    let id = store.insert_message("+1", "api", None).unwrap();
+    let new = NewMessage {
+        recipient: "+1".into(),
+        content: "api".into(),
+        send_at: None,
+        expires_at: None,
+    };
+    let id = match store.enqueue(&new, None).unwrap() {
+        Enqueued::Created(id) => id,
+        other => panic!("{other:?}"),
+    };
     assert_eq!(ttl_of(&mut c, id), Some(90.0));
     // COPY too.
     let mut writer = c

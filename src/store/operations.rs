@@ -233,14 +233,8 @@ impl Store {
             c.client
                 .query(sql.as_str(), &[&(i64::from(limit) + 1), &before, &status])
         })?;
-        let mut page: Vec<Message> = rows.iter().map(Message::from_row).collect();
-        let next = if page.len() > limit as usize {
-            page.truncate(limit as usize);
-            page.last().map(|m| m.id)
-        } else {
-            None
-        };
-        Ok((page, next))
+        let page = rows.iter().map(Message::from_row).collect();
+        Ok(super::keyset_page(page, limit, |m: &Message| m.id))
     }
 
     /// Enqueues a message; with an idempotency key, at most once per key: the key is stored
