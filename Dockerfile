@@ -69,10 +69,13 @@ USER 65532:65532
 
 EXPOSE 8080
 
-# Exec form: there is no /bin/sh. `healthcheck` GETs
-# http://127.0.0.1:$SERVER_PORT/health and exits 0 on 200, else 1.
+# Exec form: there is no /bin/sh. `healthcheck live` GETs
+# http://127.0.0.1:$SERVER_PORT/livez and exits 0 on 200, else 1: liveness, the
+# process is working (its scheduler loop makes progress). Not /health: an
+# orchestrator that restarts unhealthy containers (Swarm, autoheal) must not
+# restart every instance while PostgreSQL or Redis is down.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["/app/message-dispatcher", "healthcheck"]
+    CMD ["/app/message-dispatcher", "healthcheck", "live"]
 
 ENTRYPOINT ["/app/message-dispatcher"]
 CMD ["serve"]

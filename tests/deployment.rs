@@ -373,7 +373,7 @@ fn dockerfile_healthcheck_entrypoint_and_port() {
         !argv[0].ends_with("sh"),
         "HEALTHCHECK must not need a shell: {argv:?}"
     );
-    assert_eq!(argv, ["/app/message-dispatcher", "healthcheck"]);
+    assert_eq!(argv, ["/app/message-dispatcher", "healthcheck", "live"]);
 
     let ep = exec_form(&get("ENTRYPOINT").expect("ENTRYPOINT"), "ENTRYPOINT");
     assert_eq!(ep, ["/app/message-dispatcher"]);
@@ -553,7 +553,7 @@ fn check_compose_common(rel: &str, compose: &Value) {
         assert_depends_on_healthy(&service, &name, &["postgres", "redis"]);
         assert_eq!(
             healthcheck_test(&service),
-            ["CMD", "/app/message-dispatcher", "healthcheck"],
+            ["CMD", "/app/message-dispatcher", "healthcheck", "live"],
             "{rel} service {name}: healthcheck via the healthcheck subcommand"
         );
         let webhook =
@@ -740,9 +740,15 @@ fn k8s_deployment() {
         container_port, server_port,
         "containerPort must be SERVER_PORT"
     );
-    for probe in ["livenessProbe", "readinessProbe"] {
+    // Liveness reflects the process only (a database outage must not restart every replica),
+    // readiness the dependencies.
+    for (probe, path) in [
+        ("startupProbe", "/livez"),
+        ("livenessProbe", "/livez"),
+        ("readinessProbe", "/readyz"),
+    ] {
         let get = &c[probe]["httpGet"];
-        assert_eq!(get["path"].as_str(), Some("/health"), "{probe} path");
+        assert_eq!(get["path"].as_str(), Some(path), "{probe} path");
         let ok = get["port"].as_u64() == Some(container_port)
             || get["port"].as_str() == port["name"].as_str();
         assert!(
