@@ -30,6 +30,9 @@ pub struct Config {
     pub webhook_timeout: Duration,
     /// The decoded key of a `whsec_…` secret.
     pub webhook_secret: Option<Vec<u8>>,
+    /// SSL_CERT_FILE: a PEM bundle of the CAs trusted for an https webhook (as OpenSSL and Go
+    /// read it), instead of the built-in Mozilla roots.
+    pub webhook_ca_file: Option<PathBuf>,
     /// Zero means continuous mode.
     pub processing_interval: Duration,
     pub max_processing_time: Duration,
@@ -76,6 +79,7 @@ pub const VARIABLES: &[&str] = &[
     "WEBHOOK_URL",
     "WEBHOOK_TIMEOUT",
     "WEBHOOK_SECRET",
+    "SSL_CERT_FILE",
     "PROCESSING_INTERVAL",
     "MAX_PROCESSING_TIME",
     "BATCH_SIZE",
@@ -114,6 +118,7 @@ impl Config {
             webhook_url: env.get("WEBHOOK_URL").map(webhook_url).transpose()?,
             webhook_timeout: env.duration("WEBHOOK_TIMEOUT", "10s", false)?,
             webhook_secret: env.get("WEBHOOK_SECRET").map(webhook_secret).transpose()?,
+            webhook_ca_file: env.get("SSL_CERT_FILE").map(PathBuf::from),
             processing_interval: env.duration("PROCESSING_INTERVAL", "2m", true)?,
             max_processing_time: env.duration("MAX_PROCESSING_TIME", "30s", false)?,
             batch_size: env.parse_num("BATCH_SIZE", 2, 1, 10_000)? as u32,
@@ -167,10 +172,15 @@ impl Config {
     }
 
     /// `serve` and `check-config` cannot run without a webhook.
+    /// WEBHOOK_URL, and the CA bundle of SSL_CERT_FILE loads (serve and check-config).
     pub fn require_webhook(&self) -> Result<&Url, Error> {
-        self.webhook_url.as_ref().ok_or_else(|| {
+        let url = self.webhook_url.as_ref().ok_or_else(|| {
             Error::Config("WEBHOOK_URL: required, e.g. http://localhost:9090/webhook".into())
-        })
+        })?;
+        if let Some(path) = &self.webhook_ca_file {
+            crate::webhook::load_roots(path)?;
+        }
+        Ok(url)
     }
 
     /// How long a claimed message may stay `sending` before it counts as abandoned.
@@ -215,7 +225,7 @@ impl fmt::Display for Config {
             .as_ref()
             .map_or("<unset>".to_owned(), |u| redact_url(u.as_str()));
         let pg = self.postgres().ok();
-        let lines: [(&str, String); 29] = [
+        let lines: [(&str, String); 30] = [
             ("DATABASE_URL", redact_url(&self.database_url)),
             ("DB_SSL_ROOT_CERT", path_or_unset(&self.db_ssl_root_cert)),
             (
@@ -245,6 +255,7 @@ impl fmt::Display for Config {
             ("WEBHOOK_URL", webhook),
             ("WEBHOOK_TIMEOUT", fmt_duration(self.webhook_timeout)),
             ("WEBHOOK_SECRET", set(self.webhook_secret.is_some()).into()),
+            ("SSL_CERT_FILE", path_or_unset(&self.webhook_ca_file)),
             (
                 "PROCESSING_INTERVAL",
                 fmt_duration(self.processing_interval),
