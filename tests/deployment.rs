@@ -1014,7 +1014,7 @@ fn systemd_unit_contract() {
     expect("ProtectHome", "yes");
     let exec = unit_value("ExecStart").expect("ExecStart");
     assert!(
-        exec.starts_with("/usr/local/bin/message-dispatcher"),
+        exec.starts_with("/usr/bin/message-dispatcher"),
         "ExecStart: {exec}"
     );
 
@@ -1142,7 +1142,7 @@ fn run(cmd: &mut Command) -> (bool, String, String) {
 }
 
 /// A private copy of the unit whose ExecStart names an existing binary, since
-/// `verify` rejects a missing /usr/local/bin/message-dispatcher.
+/// `verify` rejects a missing /usr/bin/message-dispatcher.
 fn unit_copy_with_existing_binary(tag: &str) -> Option<(PathBuf, PathBuf)> {
     let stand_in = ["/bin/true", "/usr/bin/true"]
         .into_iter()
@@ -1151,7 +1151,7 @@ fn unit_copy_with_existing_binary(tag: &str) -> Option<(PathBuf, PathBuf)> {
     let dir = std::env::temp_dir().join(format!("md-deploy-test-{}-{tag}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     let text = read(UNIT).replace(
-        "ExecStart=/usr/local/bin/message-dispatcher",
+        "ExecStart=/usr/bin/message-dispatcher",
         &format!("ExecStart={}", stand_in.display()),
     );
     let path = dir.join("message-dispatcher.service");
