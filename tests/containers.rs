@@ -713,9 +713,11 @@ fn deb_package_installs_configures_upgrades_and_purges() {
     db.insert(4);
     wait_until(LONG, "4 sent from the package", || db.count("sent") == 4);
 
-    // Upgrade over itself: the edited conffile is kept, the daemon runs on.
+    // Upgrade over itself: the edited conffile is kept, the running daemon is restarted (on
+    // the new binary) and delivers.
     let pid = unit_prop(&c, "MainPID");
     c.sh("dpkg -i /tmp/md.deb");
+    assert_ne!(unit_prop(&c, "MainPID"), pid, "restarted by the upgrade");
     assert!(c.sh("cat /etc/message-dispatcher/env").contains(&format!("SERVER_PORT={port}")));
     wait_until(LONG, "running after the upgrade", || {
         unit_prop(&c, "ActiveState") == "active" && health(port).is_some_and(|(s, _)| s == 200)
