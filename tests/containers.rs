@@ -785,13 +785,15 @@ fn host_network_variant(resolved: &str, ports: &ComposePorts, volume: &str) -> S
         match name.as_str() {
             "postgres" => {
                 service["environment"]["PGPORT"] = s(&ports.postgres.to_string());
+                // Loopback only, on the host's network.
+                service["command"] = list(&["postgres", "-c", "listen_addresses=127.0.0.1"]);
                 service["healthcheck"]["interval"] = s("1s");
                 service["healthcheck"]["retries"] = Value::Number(60.into());
             }
             "redis" => {
                 let p = ports.redis.to_string();
                 service["command"] =
-                    list(&["redis-server", "--port", &p, "--save", "", "--appendonly", "no"]);
+                    list(&["redis-server", "--port", &p, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
                 service["healthcheck"]["test"] = list(&["CMD", "redis-cli", "-p", &p, "ping"]);
                 service["healthcheck"]["interval"] = s("1s");
                 service["healthcheck"]["retries"] = Value::Number(60.into());

@@ -1,11 +1,13 @@
 #!/bin/sh
 # The official postgres image's entrypoint, in its essentials: a first start
 # creates the cluster with POSTGRES_USER/POSTGRES_PASSWORD and POSTGRES_DB, then
-# the server runs as the postgres user, listening on every address.
+# the server runs as the postgres user, listening on every address; more arguments (e.g.
+# `-c listen_addresses=127.0.0.1`) go to the server.
 set -eu
 if [ "${1:-}" != postgres ]; then
     exec "$@"
 fi
+shift
 user=${POSTGRES_USER:-postgres}
 db=${POSTGRES_DB:-$user}
 as_postgres() { setpriv --reuid=postgres --regid=postgres --init-groups "$@"; }
@@ -27,4 +29,4 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     as_postgres pg_ctl -D "$PGDATA" -w -m fast stop >/dev/null
 fi
 exec setpriv --reuid=postgres --regid=postgres --init-groups \
-    postgres -D "$PGDATA" -c listen_addresses='*'
+    postgres -D "$PGDATA" -c listen_addresses='*' "$@"

@@ -82,8 +82,12 @@ base() {
 }
 
 standins() {
-    if docker image inspect message-dispatcher-test/postgres:15 >/dev/null 2>&1 \
-        && docker image inspect message-dispatcher-test/redis:7 >/dev/null 2>&1; then
+    # Rebuilt when their files change: the images carry a hash of them.
+    local hash
+    hash=$(cat "$here/standins.Dockerfile" "$here/postgres-entrypoint.sh" | sha256sum | cut -c1-16)
+    local label='{{index .Config.Labels "message-dispatcher-test.hash"}}'
+    if [[ $(docker image inspect -f "$label" message-dispatcher-test/postgres:15 2>/dev/null) == "$hash" ]] \
+        && [[ $(docker image inspect -f "$label" message-dispatcher-test/redis:7 2>/dev/null) == "$hash" ]]; then
         say "stand-in images: reused"
         return
     fi
@@ -94,6 +98,7 @@ standins() {
         say "building $tag from Debian packages"
         # The classic builder: no BuildKit needed for this plain file.
         DOCKER_BUILDKIT=0 docker build -q --network host --build-arg BASE="$base_image" --target "$target" \
+            --label "message-dispatcher-test.hash=$hash" \
             -f "$here/standins.Dockerfile" -t "$tag" "$here" >/dev/null
     done
 }
