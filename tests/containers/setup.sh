@@ -78,7 +78,7 @@ base() {
         mv "$rootfs.tmp" "$rootfs"
     fi
     say "docker import $rootfs -> $base_image"
-    tar -C "$rootfs" -c . | docker import -q - "$base_image" >/dev/null
+    tar -C "$rootfs" -c . | docker import - "$base_image" >/dev/null
 }
 
 standins() {
