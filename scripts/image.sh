@@ -2,6 +2,8 @@
 # Builds the runtime image (default tag message-dispatcher:local).
 #
 #   scripts/image.sh [TAG]
+#   scripts/image.sh --binaries-only   only the host's static binaries (scripts/test.sh starts
+#                                      this early, so it overlaps the debug build)
 #
 # Where the builder image (rust:1-alpine) can be pulled: a plain BuildKit `docker build` of the
 # Dockerfile (static musl binaries, the default). Where it cannot (offline, no registry): the
@@ -23,6 +25,11 @@ cd "$(dirname "$0")/.."
 # scripts (ring's) track them, and the release build would start over each time.
 while read -r var; do unset "$var"; done < <(compgen -e | grep -E '^CARGO_' | grep -vxE 'CARGO_HOME|CARGO_TARGET_DIR')
 
+binaries_only=false
+if [[ ${1:-} == --binaries-only ]]; then
+    binaries_only=true
+    shift
+fi
 tag=${1:-message-dispatcher:local}
 mode=${IMAGE_BUILD:-auto}
 rust_image=rust:1-alpine
@@ -42,7 +49,9 @@ buildkit() {
     fi
 }
 
-if [[ $mode == auto ]]; then
+if $binaries_only; then
+    mode=prebuilt
+elif [[ $mode == auto ]]; then
     if docker image inspect "$rust_image" >/dev/null 2>&1 || timeout 60 docker pull -q "$rust_image" >/dev/null 2>&1; then
         mode=docker
     else
@@ -72,6 +81,7 @@ prebuilt)
     # are linked statically.
     RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR=$target_dir \
         cargo build --release --locked --target "$triple" --bins
+    $binaries_only && exit 0
     context=$(mktemp -d)
     trap 'rm -rf "$context"' EXIT
     mkdir "$context/bin"

@@ -106,6 +106,9 @@ standins() {
 cargo_deb() {
     local version=3.8.0 # pinned: the packaging test checks its output
     local root=$cache/cargo-deb-$version
+    # One install at a time (scripts/test.sh may have started one in the background).
+    exec 9>"$cache/cargo-deb.lock"
+    flock 9
     if [[ ! -x $root/bin/cargo-deb ]]; then
         say "cargo install cargo-deb $version (once; cached in $root)"
         cargo install --quiet --locked --root "$root" --version "$version" cargo-deb
