@@ -886,6 +886,18 @@ fn compose_quick_start_three_instances_failover_and_return() {
             let _ = std::fs::remove_dir_all(&self.2);
         }
     }
+    // The file's fixed container names must be free: never remove someone's running quick start.
+    for name in [
+        "message_dispatcher_1",
+        "message_dispatcher_2",
+        "message_dispatcher_3",
+        "messages_postgres_ha",
+        "messages_redis_ha",
+        "messages_webhook_sink_ha",
+    ] {
+        let (exists, _) = docker_try(&["inspect", "-f", "{{.Id}}", name]);
+        assert!(!exists, "a container named {name} exists already (a quick start running here?): remove it, then run again");
+    }
     let call = |args: &[&str]| run_compose(args, &images);
     let _down = Down(&call, with(&[]), dir.clone());
 
