@@ -73,7 +73,9 @@ impl Status {
     /// How long ago the scheduler's last turn was (from start-up until its first).
     pub fn since_beat(&self) -> Duration {
         let now = self.started.elapsed();
-        now.saturating_sub(Duration::from_millis(self.last_beat.load(Ordering::Relaxed)))
+        now.saturating_sub(Duration::from_millis(
+            self.last_beat.load(Ordering::Relaxed),
+        ))
     }
 
     /// False once the scheduler has gone [`liveness_timeout`] without a turn.

@@ -130,7 +130,11 @@ impl Container {
 impl Drop for Container {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- last logs of {} ---\n{}", self.name, tail(&self.logs(), 40));
+            eprintln!(
+                "--- last logs of {} ---\n{}",
+                self.name,
+                tail(&self.logs(), 40)
+            );
         }
         let _ = exec("docker", &["rm", "-f", "-v", &self.id]);
     }
@@ -235,7 +239,17 @@ fn image_is_small_non_root_with_a_liveness_healthcheck() {
         r#"["/app/message-dispatcher"]"#
     );
     // Nothing but the binaries and the CA bundle: no shell to run.
-    let (ok, _) = docker_try(&["run", "--rm", "--network", "host", "--entrypoint", "/bin/sh", IMAGE, "-c", "true"]);
+    let (ok, _) = docker_try(&[
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        "--entrypoint",
+        "/bin/sh",
+        IMAGE,
+        "-c",
+        "true",
+    ]);
     assert!(!ok, "the image must have no shell");
 }
 
@@ -282,7 +296,13 @@ fn container_delivers_turns_healthy_and_stops_cleanly() {
     let sink_port = free_port();
     let sink = Container::run(
         "sink",
-        &["--entrypoint", "/app/webhook-sink", IMAGE, "--addr", &format!("127.0.0.1:{sink_port}")],
+        &[
+            "--entrypoint",
+            "/app/webhook-sink",
+            IMAGE,
+            "--addr",
+            &format!("127.0.0.1:{sink_port}"),
+        ],
     );
     wait_until(LONG, "webhook-sink listening", || {
         std::net::TcpStream::connect(("127.0.0.1", sink_port)).is_ok()
@@ -290,7 +310,10 @@ fn container_delivers_turns_healthy_and_stops_cleanly() {
     let t = Instant::now();
     docker(&["stop", "-t", "10", &sink.id]);
     assert_eq!(sink.state("ExitCode"), "0");
-    assert!(t.elapsed() < Duration::from_secs(5), "webhook-sink ignored SIGTERM");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "webhook-sink ignored SIGTERM"
+    );
 }
 
 fn https_webhook_with_a_private_ca_from_the_environment() {
@@ -304,13 +327,19 @@ fn https_webhook_with_a_private_ca_from_the_environment() {
             .unwrap();
         assert!(out.status.success(), "{cmd}: {out:?}");
     };
-    sh("openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=md-private-ca \
-        -keyout ca.key -out ca.pem 2>/dev/null");
-    sh("openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout server.key \
-        -out server.csr 2>/dev/null");
-    sh("printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\n' > san.ext && \
+    sh(
+        "openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=md-private-ca \
+        -keyout ca.key -out ca.pem 2>/dev/null",
+    );
+    sh(
+        "openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout server.key \
+        -out server.csr 2>/dev/null",
+    );
+    sh(
+        "printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\n' > san.ext && \
         openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
-        -extfile san.ext -out server.pem 2>/dev/null");
+        -extfile san.ext -out server.pem 2>/dev/null",
+    );
     // Readable by the image's user 65532.
     sh("chmod 0755 . && chmod 0644 ca.pem");
 
@@ -386,7 +415,10 @@ s.serve_forever()
     wait_until(LONG, "4 messages sent over https", || db.count("sent") == 4);
     let remote: String = db
         .client()
-        .query_one("SELECT remote_message_id FROM messages WHERE id = $1", &[&ids[0]])
+        .query_one(
+            "SELECT remote_message_id FROM messages WHERE id = $1",
+            &[&ids[0]],
+        )
         .unwrap()
         .get(0);
     assert_eq!(remote, "tls-ok");
@@ -400,7 +432,15 @@ fn three_containers_one_sender_failover_and_return() {
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let mut instances: Vec<Container> = Vec::new();
     for (i, port) in ports.iter().enumerate() {
-        let mut env = container_env(&db, &format!("{}/instance-{}", receiver.url().trim_end_matches('/'), i + 1), *port);
+        let mut env = container_env(
+            &db,
+            &format!(
+                "{}/instance-{}",
+                receiver.url().trim_end_matches('/'),
+                i + 1
+            ),
+            *port,
+        );
         env.extend([
             ("REDIS_URL", redis_url()),
             ("DISTRIBUTED_LOCK_ENABLED", "true".into()),
@@ -457,7 +497,10 @@ fn three_containers_one_sender_failover_and_return() {
     });
     std::thread::sleep(Duration::from_secs(2));
     assert!(!holds_lock(ports[leader]), "it came back as a standby");
-    assert!(holds_lock(ports[new_leader]), "the new leader kept the lease");
+    assert!(
+        holds_lock(ports[new_leader]),
+        "the new leader kept the lease"
+    );
     wait_until(LONG, "the restarted instance skips as a standby", || {
         instances[leader]
             .logs()
@@ -541,14 +584,26 @@ fn unit_under_systemd() {
     eprintln!("    {version}");
 
     // The binary at the unit's path, and the repo's unit unmodified.
-    docker(&["cp", bin.join("message-dispatcher").to_str().unwrap(), &format!("{}:/usr/bin/", c.id)]);
     docker(&[
         "cp",
-        project_root().join("systemd/message-dispatcher.service").to_str().unwrap(),
+        bin.join("message-dispatcher").to_str().unwrap(),
+        &format!("{}:/usr/bin/", c.id),
+    ]);
+    docker(&[
+        "cp",
+        project_root()
+            .join("systemd/message-dispatcher.service")
+            .to_str()
+            .unwrap(),
         &format!("{}:/etc/systemd/system/message-dispatcher.service", c.id),
     ]);
     c.sh("install -d -m 0755 /etc/message-dispatcher");
-    write_file(&c, "/etc/message-dispatcher/env", "0600", &unit_env(&db, &receiver.url(), port));
+    write_file(
+        &c,
+        "/etc/message-dispatcher/env",
+        "0600",
+        &unit_env(&db, &receiver.url(), port),
+    );
     c.sh("systemctl daemon-reload");
 
     // `systemctl start` returns once READY=1 came, which is sent when /health serves.
@@ -567,7 +622,8 @@ fn unit_under_systemd() {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
     assert!(
-        json.iter().any(|j| j["msg"] == "Message dispatcher started" && j["level"] == "info"),
+        json.iter()
+            .any(|j| j["msg"] == "Message dispatcher started" && j["level"] == "info"),
         "journal: {journal}"
     );
 
@@ -598,13 +654,23 @@ fn unit_under_systemd() {
     let in_ns = |cmd: &str| exec("nsenter", &["-t", &host_pid, "-m", "--", "sh", "-c", cmd]);
     for path in ["/usr/bin/x", "/etc/x", "/var/lib/x"] {
         let out = in_ns(&format!("touch {path}"));
-        assert!(!out.status.success(), "the service's namespace lets root write {path}");
-        assert!(text(&out.stderr).contains("Read-only"), "{path}: {}", text(&out.stderr));
+        assert!(
+            !out.status.success(),
+            "the service's namespace lets root write {path}"
+        );
+        assert!(
+            text(&out.stderr).contains("Read-only"),
+            "{path}: {}",
+            text(&out.stderr)
+        );
     }
     c.sh("touch /root/outside-secret");
     let home = in_ns("test -e /root/outside-secret");
     assert!(!home.status.success(), "ProtectHome: /root must be hidden");
-    assert!(in_ns("touch /tmp/private-x").status.success(), "its /tmp is writable");
+    assert!(
+        in_ns("touch /tmp/private-x").status.success(),
+        "its /tmp is writable"
+    );
     assert!(
         !c.exec(&["test", "-e", "/tmp/private-x"]).status.success(),
         "its /tmp is private"
@@ -621,10 +687,12 @@ fn unit_under_systemd() {
 
     // The watchdog: a daemon stopped with SIGSTOP is killed and restarted (WatchdogSec is
     // shortened by a drop-in here only).
-    c.sh("mkdir -p /etc/systemd/system/message-dispatcher.service.d && \
+    c.sh(
+        "mkdir -p /etc/systemd/system/message-dispatcher.service.d && \
           printf '[Service]\\nWatchdogSec=3s\\nRestartSec=1s\\n' \
           > /etc/systemd/system/message-dispatcher.service.d/test.conf && \
-          systemctl daemon-reload && systemctl restart message-dispatcher");
+          systemctl daemon-reload && systemctl restart message-dispatcher",
+    );
     wait_until(LONG, "/health after the restart", || {
         health(port).is_some_and(|(s, _)| s == 200)
     });
@@ -633,9 +701,16 @@ fn unit_under_systemd() {
     let stopped = Instant::now();
     c.sh(&format!("kill -STOP {pid}"));
     wait_restarted(&c, port, restarts, &pid);
-    eprintln!("    SIGSTOP -> watchdog restart after {:?}", stopped.elapsed());
+    eprintln!(
+        "    SIGSTOP -> watchdog restart after {:?}",
+        stopped.elapsed()
+    );
     let journal = c.sh("journalctl -u message-dispatcher --no-pager");
-    assert!(journal.contains("Watchdog timeout"), "{}", tail(&journal, 20));
+    assert!(
+        journal.contains("Watchdog timeout"),
+        "{}",
+        tail(&journal, 20)
+    );
 
     // A crash (SIGKILL) is restarted too.
     let restarts: u32 = unit_prop(&c, "NRestarts").parse().unwrap();
@@ -655,13 +730,19 @@ fn unit_under_systemd() {
     c.sh("systemctl reset-failed message-dispatcher || true");
     let restarts: u32 = unit_prop(&c, "NRestarts").parse().unwrap();
     let started = c.exec(&["systemctl", "start", "message-dispatcher"]);
-    assert!(!started.status.success(), "start with a bad configuration must fail");
+    assert!(
+        !started.status.success(),
+        "start with a bad configuration must fail"
+    );
     assert_eq!(unit_prop(&c, "ExecMainStatus"), "2");
     std::thread::sleep(Duration::from_secs(3)); // > RestartSec=1s of the drop-in
     assert_eq!(unit_prop(&c, "ActiveState"), "failed");
     assert_eq!(unit_prop(&c, "NRestarts").parse::<u32>().unwrap(), restarts);
     let journal = c.sh("journalctl -u message-dispatcher -o cat --no-pager | tail -5");
-    assert!(journal.contains("BATCH_SIZE"), "the journal names the variable: {journal}");
+    assert!(
+        journal.contains("BATCH_SIZE"),
+        "the journal names the variable: {journal}"
+    );
 }
 
 // ------------------------------------------------------------------------------ .deb
@@ -691,13 +772,19 @@ fn deb_package_installs_configures_upgrades_and_purges() {
         "./etc/message-dispatcher/env",
         "message-dispatcher.service",
     ] {
-        assert!(contents.contains(path), "{path} in the package:\n{contents}");
+        assert!(
+            contents.contains(path),
+            "{path} in the package:\n{contents}"
+        );
     }
     let env_line = contents
         .lines()
         .find(|l| l.ends_with("./etc/message-dispatcher/env"))
         .unwrap();
-    assert!(env_line.starts_with("-rw-------"), "env is 0600: {env_line}");
+    assert!(
+        env_line.starts_with("-rw-------"),
+        "env is 0600: {env_line}"
+    );
     let conffiles = exec("dpkg-deb", &["-I", deb.to_str().unwrap(), "conffiles"]);
     assert!(
         text(&conffiles.stdout).contains("/etc/message-dispatcher/env"),
@@ -708,20 +795,38 @@ fn deb_package_installs_configures_upgrades_and_purges() {
     let receiver = Receiver::start();
     let port = free_port();
     let c = boot_systemd(&unique("md-deb").replace('_', "-"));
-    docker(&["cp", deb.to_str().unwrap(), &format!("{}:/tmp/md.deb", c.id)]);
+    docker(&[
+        "cp",
+        deb.to_str().unwrap(),
+        &format!("{}:/tmp/md.deb", c.id),
+    ]);
     c.sh("dpkg -i /tmp/md.deb");
     // Installed, not started (and not enabled) before it is configured.
     assert_eq!(unit_prop(&c, "ActiveState"), "inactive");
     assert_eq!(
-        text(&c.exec(&["systemctl", "is-enabled", "message-dispatcher"]).stdout),
+        text(
+            &c.exec(&["systemctl", "is-enabled", "message-dispatcher"])
+                .stdout
+        ),
         "disabled"
     );
     let exec_start = unit_prop(&c, "ExecStart");
-    assert!(exec_start.contains("path=/usr/bin/message-dispatcher"), "{exec_start}");
-    assert_eq!(c.sh("stat -c '%a %U' /etc/message-dispatcher/env"), "600 root");
+    assert!(
+        exec_start.contains("path=/usr/bin/message-dispatcher"),
+        "{exec_start}"
+    );
+    assert_eq!(
+        c.sh("stat -c '%a %U' /etc/message-dispatcher/env"),
+        "600 root"
+    );
 
     // Configure, enable, start, deliver.
-    write_file(&c, "/etc/message-dispatcher/env", "0600", &unit_env(&db, &receiver.url(), port));
+    write_file(
+        &c,
+        "/etc/message-dispatcher/env",
+        "0600",
+        &unit_env(&db, &receiver.url(), port),
+    );
     c.sh("systemctl enable --now message-dispatcher");
     assert!(health(port).is_some_and(|(s, _)| s == 200));
     db.insert(4);
@@ -732,7 +837,9 @@ fn deb_package_installs_configures_upgrades_and_purges() {
     let pid = unit_prop(&c, "MainPID");
     c.sh("dpkg -i /tmp/md.deb");
     assert_ne!(unit_prop(&c, "MainPID"), pid, "restarted by the upgrade");
-    assert!(c.sh("cat /etc/message-dispatcher/env").contains(&format!("SERVER_PORT={port}")));
+    assert!(c
+        .sh("cat /etc/message-dispatcher/env")
+        .contains(&format!("SERVER_PORT={port}")));
     wait_until(LONG, "running after the upgrade", || {
         unit_prop(&c, "ActiveState") == "active" && health(port).is_some_and(|(s, _)| s == 200)
     });
@@ -746,8 +853,14 @@ fn deb_package_installs_configures_upgrades_and_purges() {
     // Purge: stopped, and nothing left behind.
     c.sh("dpkg --purge message-dispatcher");
     assert!(health(port).is_none(), "stopped by the purge");
-    assert!(!c.exec(&["test", "-e", "/etc/message-dispatcher"]).status.success());
-    assert!(!c.exec(&["test", "-e", "/usr/bin/message-dispatcher"]).status.success());
+    assert!(!c
+        .exec(&["test", "-e", "/etc/message-dispatcher"])
+        .status
+        .success());
+    assert!(!c
+        .exec(&["test", "-e", "/usr/bin/message-dispatcher"])
+        .status
+        .success());
     let _ = std::fs::remove_dir_all(deb.parent().unwrap());
 }
 
@@ -792,8 +905,17 @@ fn host_network_variant(resolved: &str, ports: &ComposePorts, volume: &str) -> S
             }
             "redis" => {
                 let p = ports.redis.to_string();
-                service["command"] =
-                    list(&["redis-server", "--port", &p, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+                service["command"] = list(&[
+                    "redis-server",
+                    "--port",
+                    &p,
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ]);
                 service["healthcheck"]["test"] = list(&["CMD", "redis-cli", "-p", &p, "ping"]);
                 service["healthcheck"]["interval"] = s("1s");
                 service["healthcheck"]["retries"] = Value::Number(60.into());
@@ -810,7 +932,10 @@ fn host_network_variant(resolved: &str, ports: &ComposePorts, volume: &str) -> S
                     ("REDIS_PORT", ports.redis.to_string()),
                     ("SERVER_HOST", "127.0.0.1".into()),
                     ("SERVER_PORT", ports.dispatchers[n - 1].to_string()),
-                    ("WEBHOOK_URL", format!("http://127.0.0.1:{}/webhook", ports.sink)),
+                    (
+                        "WEBHOOK_URL",
+                        format!("http://127.0.0.1:{}/webhook", ports.sink),
+                    ),
                 ] {
                     service["environment"][k] = s(&v);
                 }
@@ -841,7 +966,10 @@ fn compose_quick_start_three_instances_failover_and_return() {
     let mut version_args: Vec<&str> = compose[1..].iter().map(String::as_str).collect();
     version_args.push("version");
     let version = exec(&compose[0], &version_args);
-    eprintln!("    {}", text(&version.stdout).lines().next().unwrap_or_default());
+    eprintln!(
+        "    {}",
+        text(&version.stdout).lines().next().unwrap_or_default()
+    );
     let run_compose = |args: &[&str], env: &[(&str, &str)]| -> Output {
         let mut cmd = Command::new(&compose[0]);
         cmd.args(&compose[1..]).args(args).stdin(Stdio::null());
@@ -850,10 +978,17 @@ fn compose_quick_start_three_instances_failover_and_return() {
         }
         cmd.output().unwrap()
     };
-    let images = [("POSTGRES_IMAGE", POSTGRES_IMAGE), ("REDIS_IMAGE", REDIS_IMAGE)];
+    let images = [
+        ("POSTGRES_IMAGE", POSTGRES_IMAGE),
+        ("REDIS_IMAGE", REDIS_IMAGE),
+    ];
     // The shipped file, resolved by Compose itself (anchors, merges, the image variables).
     let resolved = run_compose(&["-f", file.to_str().unwrap(), "config"], &images);
-    assert!(resolved.status.success(), "compose config: {}", text(&resolved.stderr));
+    assert!(
+        resolved.status.success(),
+        "compose config: {}",
+        text(&resolved.stderr)
+    );
     let resolved = text(&resolved.stdout);
     assert!(resolved.contains(POSTGRES_IMAGE) && resolved.contains(REDIS_IMAGE));
 
@@ -872,16 +1007,25 @@ fn compose_quick_start_three_instances_failover_and_return() {
     let f = variant.to_str().unwrap().to_string();
     let base = ["-p", project.as_str(), "-f", f.as_str()];
     let with = |more: &[&str]| -> Vec<String> {
-        base.iter().chain(more.iter()).map(|s| s.to_string()).collect()
+        base.iter()
+            .chain(more.iter())
+            .map(|s| s.to_string())
+            .collect()
     };
     struct Down<'a>(&'a dyn Fn(&[&str]) -> Output, Vec<String>, PathBuf);
     impl Drop for Down<'_> {
         fn drop(&mut self) {
             if std::thread::panicking() {
-                let logs = (self.0)(&strs(&[self.1.clone(), vec!["logs".into(), "--no-color".into()]].concat()));
+                let logs = (self.0)(&strs(
+                    &[self.1.clone(), vec!["logs".into(), "--no-color".into()]].concat(),
+                ));
                 eprintln!("--- compose logs ---\n{}", tail(&text(&logs.stdout), 60));
             }
-            let args = [self.1.clone(), vec!["down".into(), "-v".into(), "-t".into(), "20".into()]].concat();
+            let args = [
+                self.1.clone(),
+                vec!["down".into(), "-v".into(), "-t".into(), "20".into()],
+            ]
+            .concat();
             let _ = (self.0)(&strs(&args));
             let _ = std::fs::remove_dir_all(&self.2);
         }
@@ -907,41 +1051,103 @@ fn compose_quick_start_three_instances_failover_and_return() {
     assert!(up.status.success(), "compose up: {}", text(&up.stderr));
     eprintln!("    compose up -d: {:?}", t.elapsed());
     let holders = || ports.dispatchers.iter().filter(|p| holds_lock(**p)).count();
-    wait_until(LONG, "three dispatchers healthy, one holding the lease", || {
-        ports.dispatchers.iter().all(|p| health(*p).is_some_and(|(s, _)| s == 200)) && holders() == 1
-    });
+    wait_until(
+        LONG,
+        "three dispatchers healthy, one holding the lease",
+        || {
+            ports
+                .dispatchers
+                .iter()
+                .all(|p| health(*p).is_some_and(|(s, _)| s == 200))
+                && holders() == 1
+        },
+    );
     for i in 1..=3 {
         wait_until(LONG, "compose health check healthy", || {
-            inspect(&format!("message_dispatcher_{i}"), "{{.State.Health.Status}}") == "healthy"
+            inspect(
+                &format!("message_dispatcher_{i}"),
+                "{{.State.Health.Status}}",
+            ) == "healthy"
         });
     }
 
     // docker exec message_dispatcher_1 /app/add-test-messages, as the quick start does.
-    let out = exec("docker", &["exec", "message_dispatcher_1", "/app/add-test-messages", "10"]);
+    let out = exec(
+        "docker",
+        &[
+            "exec",
+            "message_dispatcher_1",
+            "/app/add-test-messages",
+            "10",
+        ],
+    );
     assert!(out.status.success(), "add-test-messages: {out:?}");
-    let db_url = format!("postgres://postgres:postgres@127.0.0.1:{}/messages", ports.postgres);
+    let db_url = format!(
+        "postgres://postgres:postgres@127.0.0.1:{}/messages",
+        ports.postgres
+    );
     let sent = || -> i64 {
         postgres::Client::connect(&db_url, postgres::NoTls)
-            .and_then(|mut c| c.query_one("SELECT count(*) FROM messages WHERE status = 'sent'", &[]))
+            .and_then(|mut c| {
+                c.query_one("SELECT count(*) FROM messages WHERE status = 'sent'", &[])
+            })
             .map(|r| r.get(0))
             .unwrap_or(-1)
     };
     wait_until(LONG, "10 test messages sent", || sent() == 10);
     let logs = text(&call(&strs(&with(&["logs", "--no-color"]))).stdout);
-    assert_eq!(logs.matches("\"Lock acquired\"").count(), 1, "one Lock acquired:\n{}", tail(&logs, 30));
+    assert_eq!(
+        logs.matches("\"Lock acquired\"").count(),
+        1,
+        "one Lock acquired:\n{}",
+        tail(&logs, 30)
+    );
     assert!(logs.contains("Another instance is processing, skipping this cycle"));
-    let lock = exec("docker", &["exec", "messages_redis_ha", "redis-cli", "-p", &ports.redis.to_string(), "GET", "message-dispatcher:lock"]);
-    assert!(!text(&lock.stdout).is_empty(), "the lease key holds a token");
+    let lock = exec(
+        "docker",
+        &[
+            "exec",
+            "messages_redis_ha",
+            "redis-cli",
+            "-p",
+            &ports.redis.to_string(),
+            "GET",
+            "message-dispatcher:lock",
+        ],
+    );
+    assert!(
+        !text(&lock.stdout).is_empty(),
+        "the lease key holds a token"
+    );
 
     // docker stop of the leader: another takes the lease.
-    let leader = (1..=3).find(|i| holds_lock(ports.dispatchers[i - 1])).unwrap();
+    let leader = (1..=3)
+        .find(|i| holds_lock(ports.dispatchers[i - 1]))
+        .unwrap();
     let stopped_at = Instant::now();
     docker(&["stop", &format!("message_dispatcher_{leader}")]);
-    wait_until(Duration::from_secs(15), "a new holder within the TTL (15s)", || holders() == 1);
-    eprintln!("    compose: docker stop of the leader -> new holder after {:?}", stopped_at.elapsed());
-    let new_leader = (1..=3).find(|i| holds_lock(ports.dispatchers[i - 1])).unwrap();
+    wait_until(
+        Duration::from_secs(15),
+        "a new holder within the TTL (15s)",
+        || holders() == 1,
+    );
+    eprintln!(
+        "    compose: docker stop of the leader -> new holder after {:?}",
+        stopped_at.elapsed()
+    );
+    let new_leader = (1..=3)
+        .find(|i| holds_lock(ports.dispatchers[i - 1]))
+        .unwrap();
     assert_ne!(new_leader, leader);
-    let out = exec("docker", &["exec", &format!("message_dispatcher_{new_leader}"), "/app/add-test-messages", "6"]);
+    let out = exec(
+        "docker",
+        &[
+            "exec",
+            &format!("message_dispatcher_{new_leader}"),
+            "/app/add-test-messages",
+            "6",
+        ],
+    );
     assert!(out.status.success());
     wait_until(LONG, "16 sent after the failover", || sent() == 16);
 
@@ -951,11 +1157,18 @@ fn compose_quick_start_three_instances_failover_and_return() {
         health(ports.dispatchers[leader - 1]).is_some_and(|(s, _)| s == 200)
     });
     std::thread::sleep(Duration::from_secs(3));
-    assert!(!holds_lock(ports.dispatchers[leader - 1]), "it came back as a standby");
+    assert!(
+        !holds_lock(ports.dispatchers[leader - 1]),
+        "it came back as a standby"
+    );
     assert_eq!(holders(), 1);
 
     let down = call(&strs(&with(&["down", "-v", "-t", "20"])));
-    assert!(down.status.success(), "compose down: {}", text(&down.stderr));
+    assert!(
+        down.status.success(),
+        "compose down: {}",
+        text(&down.stderr)
+    );
     let (gone, _) = docker_try(&["inspect", "message_dispatcher_1"]);
     assert!(!gone, "down removed the containers");
 }
@@ -969,13 +1182,34 @@ fn main() {
     let filter: Option<&String> = args.iter().find(|a| !a.starts_with('-'));
     let steps: &[Step] = &[
         ("image_builds", build_image),
-        ("image_is_small_non_root_with_a_liveness_healthcheck", image_is_small_non_root_with_a_liveness_healthcheck),
-        ("container_delivers_turns_healthy_and_stops_cleanly", container_delivers_turns_healthy_and_stops_cleanly),
-        ("https_webhook_with_a_private_ca_from_the_environment", https_webhook_with_a_private_ca_from_the_environment),
-        ("three_containers_one_sender_failover_and_return", three_containers_one_sender_failover_and_return),
-        ("systemd_unit_starts_delivers_is_sandboxed_and_restarts", unit_under_systemd),
-        ("deb_package_installs_configures_upgrades_and_purges", deb_package_installs_configures_upgrades_and_purges),
-        ("compose_quick_start_three_instances_failover_and_return", compose_quick_start_three_instances_failover_and_return),
+        (
+            "image_is_small_non_root_with_a_liveness_healthcheck",
+            image_is_small_non_root_with_a_liveness_healthcheck,
+        ),
+        (
+            "container_delivers_turns_healthy_and_stops_cleanly",
+            container_delivers_turns_healthy_and_stops_cleanly,
+        ),
+        (
+            "https_webhook_with_a_private_ca_from_the_environment",
+            https_webhook_with_a_private_ca_from_the_environment,
+        ),
+        (
+            "three_containers_one_sender_failover_and_return",
+            three_containers_one_sender_failover_and_return,
+        ),
+        (
+            "systemd_unit_starts_delivers_is_sandboxed_and_restarts",
+            unit_under_systemd,
+        ),
+        (
+            "deb_package_installs_configures_upgrades_and_purges",
+            deb_package_installs_configures_upgrades_and_purges,
+        ),
+        (
+            "compose_quick_start_three_instances_failover_and_return",
+            compose_quick_start_three_instances_failover_and_return,
+        ),
     ];
     if args.iter().any(|a| a == "--list") {
         for (name, _) in steps {
@@ -985,7 +1219,9 @@ fn main() {
     }
     let chosen: Vec<&Step> = steps
         .iter()
-        .filter(|(name, _)| filter.is_none_or(|f| name.contains(f.as_str()) || *name == "image_builds"))
+        .filter(|(name, _)| {
+            filter.is_none_or(|f| name.contains(f.as_str()) || *name == "image_builds")
+        })
         .collect();
     let started = Instant::now();
     if std::env::var("MD_CONTAINER_TESTS").as_deref() == Ok("skip") {
@@ -1037,7 +1273,10 @@ fn main() {
             if let Some(mut child) = prep.take() {
                 let t = Instant::now();
                 let status = child.wait().expect("setup");
-                eprintln!("[setup] root fs and stand-ins ready ({status}; waited {:?})", t.elapsed());
+                eprintln!(
+                    "[setup] root fs and stand-ins ready ({status}; waited {:?})",
+                    t.elapsed()
+                );
             }
         }
         let result = if !image_ok && *name != "image_builds" {

@@ -65,7 +65,11 @@ fn probes_answer_with_their_documented_bodies() {
         assert!(out.status.success(), "healthcheck {probe}: {out:?}");
     }
     let out = run(DISPATCHER, &["healthcheck", "sideways"], &port);
-    assert_eq!(out.status.code(), Some(2), "an unknown probe is a usage error");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown probe is a usage error"
+    );
 }
 
 #[test]
@@ -152,7 +156,12 @@ impl Frozen {
             let r = libc::ptrace(libc::PTRACE_SEIZE, tid, null, null);
             assert_eq!(r, 0, "PTRACE_SEIZE: {}", std::io::Error::last_os_error());
             let r = libc::ptrace(libc::PTRACE_INTERRUPT, tid, null, null);
-            assert_eq!(r, 0, "PTRACE_INTERRUPT: {}", std::io::Error::last_os_error());
+            assert_eq!(
+                r,
+                0,
+                "PTRACE_INTERRUPT: {}",
+                std::io::Error::last_os_error()
+            );
             let mut status = 0;
             let r = libc::waitpid(tid, &mut status, libc::__WALL);
             assert_eq!(r, tid, "waitpid: {}", std::io::Error::last_os_error());
@@ -205,7 +214,9 @@ fn a_stuck_scheduler_flips_liveness_not_readiness() {
     assert_eq!(code(&daemon, "/health"), Some(200));
     let port = [("SERVER_PORT".to_string(), daemon.port.to_string())];
     assert_eq!(
-        run(DISPATCHER, &["healthcheck", "live"], &port).status.code(),
+        run(DISPATCHER, &["healthcheck", "live"], &port)
+            .status
+            .code(),
         Some(1),
         "the image's HEALTHCHECK fails"
     );
