@@ -32,8 +32,21 @@ if ! redis-cli -u "$redis" ping >/dev/null 2>&1; then
     exit 1
 fi
 
+# The container tests' slowest preparations — the static release build behind the image and
+# the .deb, and cargo-deb — are CPU work that does not need the engine: start them now, beside
+# the debug build, so they overlap its single-threaded phases. The container tests wait for
+# them (cargo's lock on the build directory, setup.sh's on cargo-deb).
+prep_pid=
+if [[ ${MD_CONTAINER_TESTS:-} != skip ]]; then
+    mkdir -p /var/cache/message-dispatcher-test 2>/dev/null || true
+    mkdir -p target
+    setsid bash -c 'scripts/image.sh --binaries-only && tests/containers/setup.sh cargo-deb' \
+        >target/container-prep.log 2>&1 </dev/null &
+    prep_pid=$! # its own process group: stopped as a whole if this script ends first
+fi
+
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log"; [[ -n $prep_pid ]] && kill -- "-$prep_pid" 2>/dev/null; true' EXIT
 status=0
 cargo test --all-targets "$@" 2>&1 | tee "$log" || status=$?
 # One closing line for the whole run, summed over every test binary.

@@ -1,5 +1,14 @@
-//! The HTTP side: `/health` for probes, the small operations API, `/metrics` and
-//! `/openapi.json`, served by `tiny_http` (no async runtime).
+//! The HTTP side: `/health` and the probes `/livez` and `/readyz`, the small operations API,
+//! `/metrics` and `/openapi.json`, served by `tiny_http` (no async runtime).
+//!
+//! # Probes
+//!
+//! - `/livez` (liveness): is this process working — its scheduler loop made progress within the
+//!   watchdog timeout ([`Status::live`]). Answered on the connection's own thread from an atomic,
+//!   so neither a slow database nor busy database threads can fail it. Restart on failure.
+//! - `/readyz` (readiness): can this instance do its work — the dependencies in use answer
+//!   (PostgreSQL; Redis with the lease). Fails during an outage; never a reason to restart.
+//! - `/health`: the Go service's endpoint, kept as it was: the dependencies, with details.
 //!
 //! # Threads, and why a slow client cannot stall `/health`
 //!
@@ -89,6 +98,8 @@ pub struct Route {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Endpoint {
     Health,
+    Live,
+    Ready,
     Metrics,
     OpenApi,
     SentMessages,
@@ -110,6 +121,18 @@ pub const ROUTES: &[Route] = &[
         path: "/health",
         needs_token: false,
         endpoint: Endpoint::Health,
+    },
+    Route {
+        method: "GET",
+        path: "/livez",
+        needs_token: false,
+        endpoint: Endpoint::Live,
+    },
+    Route {
+        method: "GET",
+        path: "/readyz",
+        needs_token: false,
+        endpoint: Endpoint::Ready,
     },
     Route {
         method: "GET",
@@ -248,6 +271,7 @@ impl Api {
         }
 
         let front = Arc::new(Front {
+            status,
             jobs: jobs_tx,
             metrics,
             token_digest: config.api_token.as_deref().map(digest),
@@ -367,6 +391,7 @@ impl Connections {
 /// What a connection thread needs: validation, authorisation, and the way to the database
 /// threads.
 struct Front {
+    status: Arc<Status>,
     jobs: Sender<(Job, Sender<Reply>)>,
     metrics: Arc<Metrics>,
     /// SHA-256 of API_TOKEN: comparing digests keeps the comparison constant-time whatever the
@@ -380,6 +405,7 @@ struct Front {
 /// Database work, validated and ready to run.
 enum Job {
     Health,
+    Ready,
     Metrics,
     Switch(bool),
     Sent {
@@ -478,6 +504,8 @@ impl Front {
                 headers: Vec::new(),
             }),
             Endpoint::Health => self.run(Job::Health),
+            Endpoint::Ready => self.run(Job::Ready),
+            Endpoint::Live => Ok(self.live()),
             Endpoint::Metrics => self.run(Job::Metrics),
             Endpoint::SentMessages => {
                 let (limit, before) = parse_sent_query(query).map_err(|msg| bad(&msg))?;
@@ -494,6 +522,18 @@ impl Front {
                 self.run(Job::Messages(job))
             }
         }
+    }
+
+    /// `/livez`: from the scheduler's heartbeat alone, without a database thread.
+    fn live(&self) -> Reply {
+        let live = self.status.live();
+        let body = json!({
+            "status": if live { "live" } else { "stalled" },
+            "instance_id": self.status.instance_id,
+            "last_progress_ms": self.status.since_beat().as_millis() as u64,
+            "timeout_ms": self.status.liveness_timeout().as_millis() as u64,
+        });
+        Reply::json(if live { 200 } else { 503 }, &body)
     }
 
     /// Refuses a request without the right token for a route that needs one.
@@ -627,6 +667,7 @@ impl Backend {
     fn answer(&mut self, job: Job) -> Reply {
         let result = match job {
             Job::Health => Ok(self.health()),
+            Job::Ready => Ok(self.ready()),
             Job::Metrics => Ok(self.metrics()),
             Job::Switch(enabled) => self.switch(enabled),
             Job::Sent { limit, before } => {
@@ -640,6 +681,23 @@ impl Backend {
     }
 
     fn health(&mut self) -> Reply {
+        let (healthy, body) = self.dependencies();
+        Reply::json(if healthy { 200 } else { 503 }, &body)
+    }
+
+    /// `/readyz`: the same verdict as `/health`, in a short body.
+    fn ready(&mut self) -> Reply {
+        let (ready, health) = self.dependencies();
+        let body = json!({
+            "status": if ready { "ready" } else { "not ready" },
+            "dependencies": health["dependencies"],
+        });
+        Reply::json(if ready { 200 } else { 503 }, &body)
+    }
+
+    /// Asks PostgreSQL (and Redis, with the lease) and returns whether all answered, with the
+    /// `/health` body.
+    fn dependencies(&mut self) -> (bool, Value) {
         let state = self.store.state();
         let database_ok = state.is_ok();
         if let Ok(state) = &state {
@@ -668,7 +726,7 @@ impl Backend {
                 "paused": self.status.circuit.paused_until().is_some(),
             },
         });
-        Reply::json(if healthy { 200 } else { 503 }, &body)
+        (healthy, body)
     }
 
     fn metrics(&mut self) -> Reply {

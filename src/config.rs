@@ -34,6 +34,9 @@ pub struct Config {
     pub webhook_circuit_threshold: u32,
     /// Requests per second at most; None = no limit.
     pub webhook_rate_limit: Option<f64>,
+    /// SSL_CERT_FILE: a PEM bundle of the CAs trusted for an https webhook (as OpenSSL and Go
+    /// read it), instead of the built-in Mozilla roots.
+    pub webhook_ca_file: Option<PathBuf>,
     /// Zero means continuous mode.
     pub processing_interval: Duration,
     pub max_processing_time: Duration,
@@ -95,6 +98,7 @@ pub const VARIABLES: &[&str] = &[
     "WEBHOOK_SECRET",
     "WEBHOOK_CIRCUIT_THRESHOLD",
     "WEBHOOK_RATE_LIMIT",
+    "SSL_CERT_FILE",
     "PROCESSING_INTERVAL",
     "MAX_PROCESSING_TIME",
     "BATCH_SIZE",
@@ -139,6 +143,7 @@ impl Config {
             webhook_circuit_threshold: env.parse_num("WEBHOOK_CIRCUIT_THRESHOLD", 5, 1, 10_000)?
                 as u32,
             webhook_rate_limit: rate_limit(&env)?,
+            webhook_ca_file: env.get("SSL_CERT_FILE").map(PathBuf::from),
             processing_interval: env.duration("PROCESSING_INTERVAL", "2m", true)?,
             max_processing_time: env.duration("MAX_PROCESSING_TIME", "30s", false)?,
             batch_size: env.parse_num("BATCH_SIZE", 2, 1, 10_000)? as u32,
@@ -195,10 +200,15 @@ impl Config {
     }
 
     /// `serve` and `check-config` cannot run without a webhook.
+    /// WEBHOOK_URL, and the CA bundle of SSL_CERT_FILE loads (serve and check-config).
     pub fn require_webhook(&self) -> Result<&Url, Error> {
-        self.webhook_url.as_ref().ok_or_else(|| {
+        let url = self.webhook_url.as_ref().ok_or_else(|| {
             Error::Config("WEBHOOK_URL: required, e.g. http://localhost:9090/webhook".into())
-        })
+        })?;
+        if let Some(path) = &self.webhook_ca_file {
+            crate::webhook::load_roots(path)?;
+        }
+        Ok(url)
     }
 
     /// How long a claimed message may stay `sending` before it counts as abandoned.
@@ -259,7 +269,7 @@ impl fmt::Display for Config {
             .map_or("<unset>".to_owned(), |u| redact_url(u.as_str()));
         let pg = self.postgres().ok();
         let retention = |d: Option<Duration>| d.map_or("<unset>".into(), fmt_duration);
-        let lines: [(&str, String); 34] = [
+        let lines: [(&str, String); 35] = [
             ("DATABASE_URL", redact_url(&self.database_url)),
             ("DB_SSL_ROOT_CERT", path_or_unset(&self.db_ssl_root_cert)),
             (
@@ -289,6 +299,7 @@ impl fmt::Display for Config {
             ("WEBHOOK_URL", webhook),
             ("WEBHOOK_TIMEOUT", fmt_duration(self.webhook_timeout)),
             ("WEBHOOK_SECRET", set(self.webhook_secret.is_some()).into()),
+            ("SSL_CERT_FILE", path_or_unset(&self.webhook_ca_file)),
             (
                 "WEBHOOK_CIRCUIT_THRESHOLD",
                 self.webhook_circuit_threshold.to_string(),

@@ -17,7 +17,9 @@ Commands:
   serve          run the daemon (the default)
   migrate        apply pending database migrations and exit
   check-config   validate the environment, print the effective config (secrets redacted)
-  healthcheck    GET this instance's /health; exit 0 when healthy, else 1
+  healthcheck [health|live|ready]
+                 GET this instance's /health (the default), /livez or /readyz;
+                 exit 0 when it answers 200, else 1
   help           print this text
 
 Exit codes: 0 clean stop, 2 bad configuration or usage, 1 any other fatal error.";
@@ -42,6 +44,7 @@ fn run(args: &[String]) -> Result<(), Error> {
     let command = match args {
         [] => "serve",
         [one] => one.as_str(),
+        [first, probe] if first == "healthcheck" => return healthcheck(probe),
         _ => {
             return Err(Error::Usage(format!(
                 "expected one command, got {args:?}\n\n{USAGE}"
@@ -74,17 +77,28 @@ fn run(args: &[String]) -> Result<(), Error> {
             print!("{config}");
             Ok(())
         }
-        "healthcheck" => healthcheck(),
+        "healthcheck" => healthcheck("health"),
         other => Err(Error::Usage(format!(
             "unknown command {other:?}\n\n{USAGE}"
         ))),
     }
 }
 
-/// For container HEALTHCHECKs in an image with no shell or curl.
-fn healthcheck() -> Result<(), Error> {
+/// For container HEALTHCHECKs in an image with no shell or curl: `live` (the image's own
+/// HEALTHCHECK: the process is working), `ready` (its dependencies answer) or `health`.
+fn healthcheck(probe: &str) -> Result<(), Error> {
+    let path = match probe {
+        "health" => "/health",
+        "live" | "livez" => "/livez",
+        "ready" | "readyz" => "/readyz",
+        other => {
+            return Err(Error::Usage(format!(
+                "healthcheck: unknown probe {other:?} (health, live or ready)\n\n{USAGE}"
+            )))
+        }
+    };
     let config = Config::from_env()?;
-    let url = format!("http://127.0.0.1:{}/health", config.server_port);
+    let url = format!("http://127.0.0.1:{}{path}", config.server_port);
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(5)))
         .http_status_as_error(false)

@@ -20,7 +20,12 @@ pub fn watchdog() {
 
 /// How often to pet the watchdog: half its timeout, as systemd recommends.
 pub fn watchdog_period() -> Option<Duration> {
-    sd_notify::watchdog_enabled().map(|timeout| timeout / 2)
+    watchdog_timeout().map(|timeout| timeout / 2)
+}
+
+/// `WatchdogSec=` as systemd passes it (`WATCHDOG_USEC`, for this process), if set.
+pub fn watchdog_timeout() -> Option<Duration> {
+    sd_notify::watchdog_enabled().filter(|t| !t.is_zero())
 }
 
 fn send(states: &[NotifyState]) {

@@ -132,6 +132,7 @@ impl Scheduler {
         let now = Instant::now();
         self.pet_watchdog(now);
         self.notice_database_back();
+        self.status.beat();
         let was_leading = self.leadership.leading();
         self.leadership.tick(&mut self.store);
         self.step_down_if_cut_off(now);
@@ -400,6 +401,7 @@ impl Scheduler {
         if let Some(period) = self.watchdog {
             until = until.min(self.last_watchdog + period);
         }
+        until = until.min(now + self.status.beat_period());
         if let Some(listener) = &self.listener {
             // A silent listener must not leave a message waiting: poll while it looks dead.
             if !listener.alive() {

@@ -4,6 +4,7 @@
 //! reused. The request is the SPEC's: `POST {"to","content"}` with `Idempotency-Key` and
 //! `webhook-id` stable across attempts, signed as Standard Webhooks 1.0 when a secret is set.
 
+use std::path::Path;
 use std::sync::RwLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -11,6 +12,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use ureq::http::Uri;
+use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 use ureq::Agent;
@@ -19,6 +21,7 @@ use url::Url;
 use crate::backoff;
 use crate::circuit::Health;
 use crate::config::Config;
+use crate::error::Error;
 use crate::message::{Claimed, Delivery};
 
 /// How much of a response body we read: enough for `{"messageId": …}` or an error text.
@@ -34,6 +37,36 @@ pub struct Attempted {
     pub delivery: Delivery,
     pub health: Health,
     pub status: Option<u16>,
+}
+
+/// The CAs an https webhook's certificate must chain to: those of SSL_CERT_FILE when set (a
+/// private CA; the file was checked by `Config::require_webhook`), else the Mozilla roots
+/// built into the binary.
+fn roots(config: &Config) -> RootCerts {
+    match &config.webhook_ca_file {
+        Some(path) => match load_roots(path) {
+            Ok(certs) => RootCerts::from(certs),
+            Err(e) => panic!("{e} (checked at start-up)"),
+        },
+        None => RootCerts::WebPki,
+    }
+}
+
+/// The certificates of a PEM bundle; an error names SSL_CERT_FILE when the file cannot be read
+/// or holds none.
+pub fn load_roots(path: &Path) -> Result<Vec<Certificate<'static>>, Error> {
+    let what = |e: String| Error::Config(format!("SSL_CERT_FILE: {}: {e}", path.display()));
+    let pem = std::fs::read(path).map_err(|e| what(e.to_string()))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        if let PemItem::Certificate(cert) = item.map_err(|e| what(e.to_string()))? {
+            certs.push(cert);
+        }
+    }
+    if certs.is_empty() {
+        return Err(what("no PEM certificate in it".into()));
+    }
+    Ok(certs)
 }
 
 pub struct Webhook {
@@ -59,6 +92,7 @@ impl Webhook {
             .max_idle_connections(config.worker_count as usize * 2)
             .max_idle_connections_per_host(config.worker_count as usize * 2)
             .user_agent(concat!("message-dispatcher/", env!("CARGO_PKG_VERSION")))
+            .tls_config(TlsConfig::builder().root_certs(roots(config)).build())
             .build();
         let agent = Agent::with_parts(
             agent_config,

@@ -373,7 +373,7 @@ fn dockerfile_healthcheck_entrypoint_and_port() {
         !argv[0].ends_with("sh"),
         "HEALTHCHECK must not need a shell: {argv:?}"
     );
-    assert_eq!(argv, ["/app/message-dispatcher", "healthcheck"]);
+    assert_eq!(argv, ["/app/message-dispatcher", "healthcheck", "live"]);
 
     let ep = exec_form(&get("ENTRYPOINT").expect("ENTRYPOINT"), "ENTRYPOINT");
     assert_eq!(ep, ["/app/message-dispatcher"]);
@@ -553,7 +553,7 @@ fn check_compose_common(rel: &str, compose: &Value) {
         assert_depends_on_healthy(&service, &name, &["postgres", "redis"]);
         assert_eq!(
             healthcheck_test(&service),
-            ["CMD", "/app/message-dispatcher", "healthcheck"],
+            ["CMD", "/app/message-dispatcher", "healthcheck", "live"],
             "{rel} service {name}: healthcheck via the healthcheck subcommand"
         );
         let webhook =
@@ -740,9 +740,15 @@ fn k8s_deployment() {
         container_port, server_port,
         "containerPort must be SERVER_PORT"
     );
-    for probe in ["livenessProbe", "readinessProbe"] {
+    // Liveness reflects the process only (a database outage must not restart every replica),
+    // readiness the dependencies.
+    for (probe, path) in [
+        ("startupProbe", "/livez"),
+        ("livenessProbe", "/livez"),
+        ("readinessProbe", "/readyz"),
+    ] {
         let get = &c[probe]["httpGet"];
-        assert_eq!(get["path"].as_str(), Some("/health"), "{probe} path");
+        assert_eq!(get["path"].as_str(), Some(path), "{probe} path");
         let ok = get["port"].as_u64() == Some(container_port)
             || get["port"].as_str() == port["name"].as_str();
         assert!(
@@ -1008,7 +1014,7 @@ fn systemd_unit_contract() {
     expect("ProtectHome", "yes");
     let exec = unit_value("ExecStart").expect("ExecStart");
     assert!(
-        exec.starts_with("/usr/local/bin/message-dispatcher"),
+        exec.starts_with("/usr/bin/message-dispatcher"),
         "ExecStart: {exec}"
     );
 
@@ -1136,7 +1142,7 @@ fn run(cmd: &mut Command) -> (bool, String, String) {
 }
 
 /// A private copy of the unit whose ExecStart names an existing binary, since
-/// `verify` rejects a missing /usr/local/bin/message-dispatcher.
+/// `verify` rejects a missing /usr/bin/message-dispatcher.
 fn unit_copy_with_existing_binary(tag: &str) -> Option<(PathBuf, PathBuf)> {
     let stand_in = ["/bin/true", "/usr/bin/true"]
         .into_iter()
@@ -1145,7 +1151,7 @@ fn unit_copy_with_existing_binary(tag: &str) -> Option<(PathBuf, PathBuf)> {
     let dir = std::env::temp_dir().join(format!("md-deploy-test-{}-{tag}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     let text = read(UNIT).replace(
-        "ExecStart=/usr/local/bin/message-dispatcher",
+        "ExecStart=/usr/bin/message-dispatcher",
         &format!("ExecStart={}", stand_in.display()),
     );
     let path = dir.join("message-dispatcher.service");

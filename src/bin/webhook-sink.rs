@@ -52,6 +52,9 @@ fn main() -> ExitCode {
         }
     };
     eprintln!("webhook-sink: listening on {}", options.addr);
+    // SIGTERM/SIGINT end it at once, with 0: as PID 1 of a container (compose's webhook-sink)
+    // a signal without a handler is ignored, and `docker stop` would wait 10 s to SIGKILL it.
+    let _ = ctrlc::set_handler(|| std::process::exit(0));
     let options = Arc::new(options);
     let counter = Arc::new(AtomicU64::new(0));
     let handles: Vec<_> = (0..options.threads)
