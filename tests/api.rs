@@ -772,7 +772,10 @@ fn every_route_but_probes_and_scrapes_needs_the_bearer_token() {
         .filter(|r| !r.needs_token)
         .map(|r| r.path)
         .collect();
-    assert_eq!(open, ["/health", "/metrics", "/openapi.json"]);
+    assert_eq!(
+        open,
+        ["/health", "/livez", "/readyz", "/metrics", "/openapi.json"]
+    );
     let body = br#"{"recipient":"a","content":"b"}"#;
     for route in ROUTES.iter().filter(|r| r.needs_token) {
         let target = route.path.replace("{id}", &id.to_string());
