@@ -46,7 +46,8 @@ if [[ ${MD_CONTAINER_TESTS:-} != skip ]]; then
 fi
 
 log=$(mktemp)
-trap 'rm -f "$log"; [[ -n $prep_pid ]] && kill -- "-$prep_pid" 2>/dev/null; true' EXIT
+# (Under set -e a failing last command of an && list would become the script's exit status.)
+trap 'rm -f "$log"; if [[ -n $prep_pid ]]; then kill -- "-$prep_pid" 2>/dev/null || true; fi' EXIT
 status=0
 cargo test --all-targets "$@" 2>&1 | tee "$log" || status=$?
 # One closing line for the whole run, summed over every test binary.
