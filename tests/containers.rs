@@ -429,7 +429,7 @@ fn three_containers_one_sender_failover_and_return() {
     let receiver = Receiver::start();
     let key = unique("md:containers:lock");
     let ttl = Duration::from_secs(6);
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let ports = free_ports::<3>();
     let mut instances: Vec<Container> = Vec::new();
     for (i, port) in ports.iter().enumerate() {
         let mut env = container_env(
@@ -992,11 +992,12 @@ fn compose_quick_start_three_instances_failover_and_return() {
     let resolved = text(&resolved.stdout);
     assert!(resolved.contains(POSTGRES_IMAGE) && resolved.contains(REDIS_IMAGE));
 
+    let [postgres, redis, sink, d1, d2, d3] = free_ports();
     let ports = ComposePorts {
-        postgres: free_port(),
-        redis: free_port(),
-        sink: free_port(),
-        dispatchers: [free_port(), free_port(), free_port()],
+        postgres,
+        redis,
+        sink,
+        dispatchers: [d1, d2, d3],
     };
     let project = unique("mdcompose").replace('_', "");
     let volume = format!("{project}_postgres-data");

@@ -67,11 +67,16 @@ pub fn wait_until_ok<T>(timeout: Duration, mut attempt: impl FnMut() -> Option<T
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports::<1>()[0]
+}
+
+/// `N` different free ports: all held open until every one is chosen, since a port just let go
+/// may be handed out again at once.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
 }
 
 /// A fresh database, dropped at the end of the test.
