@@ -491,17 +491,7 @@ fn a_posted_message_wakes_continuous_mode() {
     let db = TestDb::migrated();
     let receiver = Receiver::start();
     let d = daemon(&db, &receiver, &[("PROCESSING_INTERVAL", "0")]);
-    wait_until(LONG, "the listener connection", || {
-        db.client()
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND application_name LIKE '%/listener'",
-                &[],
-            )
-            .unwrap()
-            .get::<_, i64>(0)
-            == 1
-    });
+    db.wait_listening();
     let posted = Instant::now();
     let id = post(
         d.port,

@@ -15,27 +15,12 @@ fn continuous_env(db: &TestDb, webhook: &str) -> Vec<(String, String)> {
     env
 }
 
-/// Waits until the daemon's listener is connected (it shows in pg_stat_activity).
-fn wait_listening(db: &TestDb) {
-    wait_until(LONG, "the listener connection", || {
-        db.client()
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND application_name LIKE '%/listener'",
-                &[],
-            )
-            .unwrap()
-            .get::<_, i64>(0)
-            == 1
-    });
-}
-
 #[test]
 fn a_message_inserted_while_idle_goes_out_without_waiting() {
     let db = TestDb::migrated();
     let receiver = Receiver::start();
     let daemon = Daemon::start(&continuous_env(&db, &receiver.url()));
-    wait_listening(&db);
+    db.wait_listening();
 
     // Idle: with nothing due, the scheduler sleeps up to a minute unless NOTIFY wakes it.
     for round in 1..=3 {
@@ -57,7 +42,7 @@ fn a_terminated_listener_is_noticed_and_nothing_waits() {
     let db = TestDb::migrated();
     let receiver = Receiver::start();
     let daemon = Daemon::start(&continuous_env(&db, &receiver.url()));
-    wait_listening(&db);
+    db.wait_listening();
 
     let killed: i64 = db
         .client()
@@ -80,7 +65,7 @@ fn a_terminated_listener_is_noticed_and_nothing_waits() {
         "Lost the LISTEN connection, reconnecting; polling meanwhile",
         LONG,
     );
-    wait_listening(&db);
+    db.wait_listening();
     db.insert(1);
     wait_until(
         Duration::from_secs(10),
@@ -129,8 +114,10 @@ fn with_an_interval_inserts_do_not_raise_the_rate() {
     let last = seen.iter().map(|s| s.at).max().unwrap();
     assert!(
         last - first >= Duration::from_millis(2900),
-        "{:?}",
-        last - first
+        "{:?} {:?} {:?}",
+        last - first,
+        seen.iter().map(|s| s.at - first).collect::<Vec<_>>(),
+        batches
     );
     let mut times: Vec<_> = seen.iter().map(|s| s.at).collect();
     times.sort();

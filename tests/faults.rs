@@ -126,17 +126,7 @@ fn continuous_mode_recovers_an_abandoned_row_when_it_may() {
     set(&mut env, "WEBHOOK_TIMEOUT", "1s");
     let daemon = Daemon::start(&env);
     // Let the daemon go idle first, with nothing due.
-    wait_until(LONG, "the listener connection", || {
-        db.client()
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND application_name LIKE '%/listener'",
-                &[],
-            )
-            .unwrap()
-            .get::<_, i64>(0)
-            == 1
-    });
+    db.wait_listening();
     let claimed = Instant::now();
     db.client()
         .execute(

@@ -136,6 +136,22 @@ impl TestDb {
             .collect()
     }
 
+    /// Waits until a daemon's LISTEN connection is up (it shows in pg_stat_activity).
+    pub fn wait_listening(&self) {
+        wait_until(Duration::from_secs(30), "the listener connection", || {
+            self.client()
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                         WHERE datname = current_database()
+                           AND application_name LIKE '%/listener'",
+                    &[],
+                )
+                .unwrap()
+                .get::<_, i64>(0)
+                == 1
+        });
+    }
+
     pub fn count(&self, status: &str) -> i64 {
         self.client()
             .query_one(
