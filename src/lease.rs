@@ -385,6 +385,15 @@ impl Leadership {
         let was_ok = std::mem::replace(&mut self.redis_ok, result.is_ok());
         match result {
             Ok(true) => match self.epoch_to_hold(store, started.1) {
+                // PostgreSQL answered so late that the lease could have expired meanwhile:
+                // leading now would only last until the next tick. Step back like any failed
+                // start (a raised epoch was raised in time; it fences nobody who held a key).
+                Ok(_) if BootInstant::now() >= started.1 + self.ttl() - self.margin => {
+                    self.epoch_failed(
+                        started.1,
+                        "PostgreSQL answered after the lease could have expired",
+                    );
+                }
                 Ok(epoch) => {
                     self.epoch_backoff.succeed();
                     self.epoch = Some(epoch);
@@ -397,23 +406,7 @@ impl Leadership {
                     self.next_tick = started.0 + self.extend_every;
                     log::info!(key = self.key().as_str(), epoch = epoch; "Lock acquired");
                 }
-                Err(e) => {
-                    // Without a new epoch our writes would be fenced anyway: step back, and try
-                    // again only after a growing pause (PostgreSQL is probably down).
-                    self.metrics.lock_acquire_failures.inc();
-                    let wait = self.epoch_backoff.fail();
-                    self.next_tick = self.next_tick.max(Instant::now() + wait);
-                    log::warn!(
-                        error = e.to_string().as_str(),
-                        retry_in = crate::config::fmt_duration(wait).as_str();
-                        "Cannot start a leadership epoch, releasing the lock"
-                    );
-                    // The key may have been ours all along (taken back after a Redis error),
-                    // with requests of the earlier holding still running: the key goes only
-                    // once they have ended.
-                    self.deadline = Some(started.1 + self.ttl() - self.margin);
-                    self.release(BootInstant::now() + self.ttl());
-                }
+                Err(e) => self.epoch_failed(started.1, &e.to_string()),
             },
             Ok(false) => {
                 self.metrics.lock_acquire_failures.inc();
@@ -426,6 +419,23 @@ impl Leadership {
                 }
             }
         }
+    }
+
+    /// Without a new epoch our writes would be fenced anyway: step back, and try again only
+    /// after a growing pause (PostgreSQL is probably down or overloaded).
+    fn epoch_failed(&mut self, started: BootInstant, error: &str) {
+        self.metrics.lock_acquire_failures.inc();
+        let wait = self.epoch_backoff.fail();
+        self.next_tick = self.next_tick.max(Instant::now() + wait);
+        log::warn!(
+            error = error,
+            retry_in = crate::config::fmt_duration(wait).as_str();
+            "Cannot start a leadership epoch, releasing the lock"
+        );
+        // The key may have been ours all along (taken back after a Redis error), with requests
+        // of the earlier holding still running: the key goes only once they have ended.
+        self.deadline = Some(started + self.ttl() - self.margin);
+        self.release(BootInstant::now() + self.ttl());
     }
 
     /// The epoch to lead under: ours again when PostgreSQL still shows it (nobody has led since

@@ -1586,3 +1586,79 @@ fn sigterm_while_blocked_on_a_blackholed_path_exits_within_its_bound() {
     assert_eq!(db.count("sending") + db.count("pending"), 0);
     assert_eq!(receiver.keys().len(), total);
 }
+
+/// A holder that lost its key and takes it again asks PostgreSQL whether its epoch still
+/// stands. When that answer comes only after the new lease could have expired, it must not
+/// lead on it: it once logged `Lock acquired` and at once `Lock lost` (the fault campaign,
+/// seed 7, on a loaded machine). It steps back like any failed start and leads properly later.
+#[test]
+fn an_epoch_answer_that_comes_after_the_lease_could_have_expired_does_not_lead() {
+    let _serial = serial();
+    let db = TestDb::migrated();
+    assert!(
+        db.url.contains(":5432/"),
+        "this test proxies the default server"
+    );
+    let receiver = Receiver::start();
+    let key = unique("md_lock");
+    let proxy = proxy::Proxy::start("127.0.0.1:5432".parse().unwrap());
+    let url = db.url.replace(":5432/", &format!(":{}/", proxy.port));
+    let a = start_instance(1, &ha_env(&url, &redis_url(), &key), &receiver);
+    wait_one_holder(&[&a]);
+    // (Its /health asks PostgreSQL too, so ask now, before the path goes silent.)
+    let id = instance_id(&a);
+
+    // Someone else takes the key: A's next extension finds it gone and A stands by.
+    let redis = redis::Client::open(redis_url()).unwrap();
+    let mut conn = redis
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("someone-else:1")
+        .arg("PX")
+        .arg(60_000)
+        .query(&mut conn)
+        .unwrap();
+    wait_new_log(&a, "Lock lost", 0, LONG);
+
+    // PostgreSQL goes silent (bytes wait, nothing is lost), then the key is free: A takes it
+    // and asks for its epoch, whose answer comes only after the lease could have expired.
+    proxy.set(proxy::Mode::Blackhole);
+    let _: () = redis::cmd("DEL").arg(&key).query(&mut conn).unwrap();
+    wait_until(Duration::from_secs(10), "A to take the free key", || {
+        redis_holder(&redis_url(), &key) == Some(id.clone())
+    });
+    let acquired_before = a.log_lines("Lock acquired").len();
+    std::thread::sleep(TTL + Duration::from_millis(500));
+    proxy.set(proxy::Mode::Pass);
+
+    let failed = wait_new_log(
+        &a,
+        "Cannot start a leadership epoch, releasing the lock",
+        0,
+        LONG,
+    );
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("after the lease could have expired")),
+        "{failed}"
+    );
+    let acquired = a.log_lines("Lock acquired");
+    let failed_at = log_time_ms(&failed);
+    assert!(
+        acquired[acquired_before..]
+            .iter()
+            .all(|l| log_time_ms(l) > failed_at),
+        "A led on an answer that came too late: {acquired:?}"
+    );
+    assert_eq!(a.log_lines("Lock lost").len(), 1, "only the key taken away");
+
+    // It leads again once PostgreSQL answers in time, and delivers.
+    wait_new_log(&a, "Lock acquired", acquired_before, LONG);
+    db.insert(5);
+    wait_until(LONG, "delivery after the failed start", || {
+        db.count("sent") == 5
+    });
+}

@@ -136,6 +136,9 @@ pub struct Data {
     pub incs: Vec<Inc>,
     pub faults: Vec<FaultRecord>,
     pub samples: Vec<Sample>,
+    /// Per message, the start (µs) of each recorded attempt that got no answer: the request
+    /// failed on the client (timeout, reset, refused) — the receiver may never have seen it.
+    pub unanswered: HashMap<i64, Vec<i64>>,
     /// When the last fault was healed (µs).
     pub healed_at: i64,
 }
@@ -566,7 +569,20 @@ pub fn check(d: &Data) -> Report {
             }
             // The claim counts the attempt (+1); an outcome of a message never sent gives it
             // back (-1), so claim and outcome together add exactly the requests made.
+            // A request whose attempt history says it got no answer may have died in the
+            // receiver's accept queue (an overloaded receiver, a client timeout): counted, as
+            // the daemon cannot know, and never seen.
+            let unanswered = d.unanswered.get(id).is_some_and(|starts| {
+                starts
+                    .iter()
+                    .any(|at| *at >= c.at - 5 * MS && c.end_at.is_none_or(|end| *at <= end))
+            });
             match &c.end {
+                ClaimEnd::Outcome(_, 0) if reqs.is_empty() && unanswered => {
+                    report.except(
+                        "a request that got no answer and never reached the receiver: counted in attempts, not seen",
+                    );
+                }
                 ClaimEnd::Outcome(status, tried) if (1 + *tried) as usize != reqs.len().min(1) => {
                     report.violate(
                             "attempts equal the requests the receiver saw",
@@ -737,9 +753,17 @@ pub fn check(d: &Data) -> Report {
                 }
                 Some(c) => {
                     let until = c.end_at.unwrap_or(i64::MAX);
-                    match d.faults.iter().find(|f| f.touches(r.slot, r.arrived, until)) {
-                        Some(f) => Ok(format!("in flight at a fault: {}", f.kind.name())),
-                        None => Err(format!(
+                    // Every fault between the request and its claim's end, in order: a repeat
+                    // often takes two (an outage keeping the outcome unwritten, then a kill).
+                    let mut kinds: Vec<&str> = Vec::new();
+                    for f in d.faults.iter().filter(|f| f.touches(r.slot, r.arrived, until)) {
+                        if !kinds.contains(&f.kind.name()) {
+                            kinds.push(f.kind.name());
+                        }
+                    }
+                    match kinds.is_empty() {
+                        false => Ok(format!("in flight at a fault: {}", kinds.join(" + "))),
+                        true => Err(format!(
                             "its claim ended {:?} at {}, with no fault on its sender meanwhile; sender's log: [{}]",
                             c.end,
                             fmt_us(until),

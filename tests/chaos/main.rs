@@ -18,7 +18,7 @@ mod plan;
 mod receiver;
 mod world;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -425,6 +425,17 @@ fn gather(world: &World, healed_at: i64) -> Data {
             app: r.get(11),
         })
         .collect();
+    let mut unanswered: HashMap<i64, Vec<i64>> = HashMap::new();
+    for r in c
+        .query(
+            "SELECT message_id, (extract(epoch FROM started_at) * 1000000)::bigint
+             FROM message_attempts WHERE status_code IS NULL",
+            &[],
+        )
+        .unwrap()
+    {
+        unanswered.entry(r.get(0)).or_default().push(r.get(1));
+    }
     let incs = world
         .incarnations
         .iter()
@@ -452,6 +463,7 @@ fn gather(world: &World, healed_at: i64) -> Data {
         incs,
         faults: world.faults.clone(),
         samples: world.samples.lock().unwrap().clone(),
+        unanswered,
         healed_at,
     }
 }

@@ -3,6 +3,7 @@
 //! the /health monitor, and the fault executor that walks the plan.
 
 use std::net::SocketAddr;
+use std::os::unix::process::ExitStatusExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -353,7 +354,12 @@ impl World {
                             let took = since.elapsed();
                             let name = self.incarnations[index].daemon.name.clone();
                             self.end(index, Ending::Terminated(status.code(), took));
-                            if status.code() != Some(0) || took > bound {
+                            // Ended by the signal itself: it landed before the program installed
+                            // its handler (once installed, SIGTERM never ends it that way),
+                            // which happens before it touches PostgreSQL or Redis. Nothing was
+                            // held, so that is a clean stop too.
+                            let before_handler = status.signal() == Some(libc::SIGTERM);
+                            if (status.code() != Some(0) && !before_handler) || took > bound {
                                 self.incidents.push(Incident {
                                     invariant: "SIGTERM stops cleanly in time",
                                     text: format!(
