@@ -28,6 +28,17 @@ use crate::message::{Claimed, Delivery};
 const MAX_RESPONSE_BODY: u64 = 64 * 1024;
 /// How much of an error answer is kept in `last_error`.
 const MAX_ERROR_TEXT: usize = 200;
+/// ureq gives each connection an input and an output buffer, zero-filled to full size on first
+/// use: 128 KiB each by default, a quarter of a megabyte resident per pooled connection, i.e.
+/// per worker. What we send is a small JSON body and a few headers (a longer body goes out in
+/// several writes); what we read is a status line and headers (at most
+/// [`MAX_RESPONSE_HEADER`]), then a body read in pieces. ureq itself wants 10 KiB of the input
+/// buffer free as scratch space while it sends.
+const INPUT_BUFFER: usize = 16 * 1024;
+const OUTPUT_BUFFER: usize = 8 * 1024;
+/// Larger response headers fail the request with a clear error ("response header too large");
+/// kept under [`INPUT_BUFFER`], which must hold them whole.
+const MAX_RESPONSE_HEADER: usize = 15 * 1024;
 /// How long a resolved webhook address is reused before the host name is looked up again.
 const RESOLVE_TTL: Duration = Duration::from_secs(5);
 
@@ -89,6 +100,9 @@ impl Webhook {
             // A redirect is retried later, not followed: the receiver must be configured right.
             .max_redirects(0)
             .max_redirects_will_error(false)
+            .input_buffer_size(INPUT_BUFFER)
+            .output_buffer_size(OUTPUT_BUFFER)
+            .max_response_header_size(MAX_RESPONSE_HEADER)
             .max_idle_connections(config.worker_count as usize * 2)
             .max_idle_connections_per_host(config.worker_count as usize * 2)
             .user_agent(concat!("message-dispatcher/", env!("CARGO_PKG_VERSION")))
@@ -419,6 +433,102 @@ mod tests {
         assert_eq!(port("http://127.0.0.1:9002/a"), 9002);
         assert_eq!(port("http://127.0.0.1/a"), 80);
         assert_eq!(port("https://127.0.0.1/a"), 443);
+    }
+
+    /// A receiver on a real socket answering one request per connection with `header_bytes` of
+    /// extra headers, after reading the whole request; returns the URL and the request bytes.
+    fn answering_with_headers(header_bytes: usize) -> (Url, std::thread::JoinHandle<Vec<u8>>) {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = Url::parse(&format!("http://{}/hook", listener.local_addr().unwrap())).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Head, then Content-Length bytes of body.
+            let body_len = loop {
+                let n = stream.read(&mut chunk).unwrap();
+                assert!(n > 0, "the client closed before sending its request");
+                request.extend_from_slice(&chunk[..n]);
+                if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&request[..end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map(|v| v.trim().parse().unwrap())
+                        .unwrap();
+                    break end + 4 + len;
+                }
+            };
+            while request.len() < body_len {
+                let n = stream.read(&mut chunk).unwrap();
+                assert!(n > 0, "the client closed before sending its body");
+                request.extend_from_slice(&chunk[..n]);
+            }
+            let body = br#"{"message":"Accepted","messageId":"big-headers"}"#;
+            let mut answer = format!(
+                "HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            )
+            .into_bytes();
+            for n in 0..header_bytes / 100 {
+                answer.extend_from_slice(
+                    format!("X-Padding-{n:04}: {}\r\n", "p".repeat(83)).as_bytes(),
+                );
+            }
+            answer.extend_from_slice(b"\r\n");
+            answer.extend_from_slice(body);
+            let _ = stream.write_all(&answer);
+            request
+        });
+        (url, server)
+    }
+
+    fn webhook_for(url: &Url) -> Webhook {
+        let vars = [("WEBHOOK_URL".to_owned(), url.to_string())].into();
+        Webhook::new(&Config::from_vars(&vars).unwrap(), url)
+    }
+
+    fn message(content: String) -> Claimed {
+        Claimed {
+            id: 7,
+            recipient: "+905550000001".into(),
+            content,
+            attempts: 1,
+            charged: 1,
+            expires: None,
+        }
+    }
+
+    #[test]
+    fn the_small_buffers_carry_long_bodies_and_ordinary_large_headers() {
+        // A body far larger than the output buffer goes out whole, in several writes; an answer
+        // with 12 KiB of headers (large for any real receiver) is read.
+        let (url, server) = answering_with_headers(12 * 1024);
+        let content = "ü".repeat(40_000);
+        let attempted = webhook_for(&url).deliver(&message(content.clone()), false);
+        assert_eq!(
+            attempted.delivery,
+            Delivery::Sent {
+                remote_id: Some("big-headers".into())
+            }
+        );
+        let request = server.join().unwrap();
+        let body = &request[request.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+        let sent: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(sent["content"], content.as_str());
+    }
+
+    #[test]
+    fn response_headers_over_the_limit_fail_the_attempt_with_a_clear_error() {
+        let (url, server) = answering_with_headers(40 * 1024);
+        let attempted = webhook_for(&url).deliver(&message("hi".into()), false);
+        let Delivery::Retry { error, .. } = &attempted.delivery else {
+            panic!("expected a retry, got {:?}", attempted.delivery);
+        };
+        assert!(error.contains("header"), "{error}");
+        assert_eq!(attempted.status, None);
+        let _ = server.join();
     }
 
     #[test]
