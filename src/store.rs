@@ -73,7 +73,8 @@ macro_rules! expires_at_text {
 /// trip; both parts are fenced by the state row like before, so a replaced leader and a stopped
 /// cluster change nothing. The two parts take disjoint rows (`expires_at <= now()` and `>`).
 /// Returns the claimed rows (with the seconds each has left) and the ids of the expired ones.
-const CLAIM: &str = concat!(
+/// Public for the benchmark, which shows its plan (EXPLAIN ANALYZE) on a large table.
+pub const CLAIM: &str = concat!(
     "
 WITH fence AS (
     SELECT 1 FROM dispatcher_state
@@ -122,7 +123,8 @@ SELECT false, id, NULL, NULL, NULL, NULL, NULL FROM expired"
 /// `pending` (a retry, or returned unsent) whose `expires_at` would have passed by the time it
 /// falls due ends `expired` at once instead: retries never go past the expiry. Returns how many
 /// messages changed, and the ids of those that ended `expired`.
-const RECORD: &str = concat!(
+/// Public for the benchmark, which shows its plan (EXPLAIN ANALYZE) on a large table.
+pub const RECORD: &str = concat!(
     "
 WITH fence AS (
     SELECT 1 FROM dispatcher_state WHERE $7::bigint IS NULL OR epoch = $7 FOR SHARE

@@ -24,9 +24,11 @@
 
 mod machine;
 mod procs;
+mod reference;
 mod report;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -39,6 +41,22 @@ use message_dispatcher::webhook::Webhook;
 use procs::{Daemon, DaemonSettings, Sink, Workdir};
 
 pub const DISPATCHER: &str = env!("CARGO_BIN_EXE_message-dispatcher");
+
+/// Which dispatcher a drain runs: this build, or the reference build, with any extra variables.
+#[derive(Clone, Copy)]
+pub struct Variant<'a> {
+    pub binary: &'a Path,
+    pub env: &'a [(&'a str, String)],
+}
+
+impl Variant<'static> {
+    pub fn current() -> Variant<'static> {
+        Variant {
+            binary: Path::new(DISPATCHER),
+            env: &[],
+        }
+    }
+}
 pub const WEBHOOK_SINK: &str = env!("CARGO_BIN_EXE_webhook-sink");
 
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -94,6 +112,9 @@ pub struct Settings {
     pub admin_url: String,
     /// BENCH_ONLY: the phases to run (wrk, bare, drain, big, latency); no report then.
     pub only: Option<Vec<String>>,
+    /// BENCH_REFERENCE: the commit whose build the `reference` phase drains beside this one
+    /// (`none` skips it); the full run's default is [`reference::DEFAULT_REVISION`].
+    pub reference: Option<String>,
 }
 
 impl Settings {
@@ -174,6 +195,12 @@ impl Settings {
                 .or_else(|| var("TEST_DATABASE_URL"))
                 .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into()),
             only: var("BENCH_ONLY").map(|v| v.split(',').map(|p| p.trim().to_owned()).collect()),
+            reference: match var("BENCH_REFERENCE") {
+                Some(v) if v == "none" => None,
+                Some(v) => Some(v),
+                None if full => Some(reference::DEFAULT_REVISION.to_owned()),
+                None => None,
+            },
         })
     }
 
@@ -254,7 +281,15 @@ fn run(s: &Settings, work: &Workdir) -> Result<()> {
 
     let mut sweep = Vec::new();
     for &batch in s.batch_sizes.iter().filter(|_| s.wants("drain")) {
-        let d = drain(s, &sink, work, batch, 0, &format!("fresh-{batch}"))?;
+        let d = drain(
+            s,
+            &sink,
+            work,
+            batch,
+            0,
+            &format!("fresh-{batch}"),
+            Variant::current(),
+        )?;
         say(&d.describe());
         sweep.push(d);
     }
@@ -266,16 +301,23 @@ fn run(s: &Settings, work: &Workdir) -> Result<()> {
         .ok_or("no batch size given")?;
 
     let (big, fresh_again) = if s.big_rows > 0 && s.wants("big") {
-        let big = drain(s, &sink, work, best, s.big_rows, "big")?;
+        let big = drain(s, &sink, work, best, s.big_rows, "big", Variant::current())?;
         say(&big.describe());
         if s.only.is_some() {
             say(big.explain.as_deref().unwrap_or_default());
         }
-        let again = drain(s, &sink, work, best, 0, "fresh-again")?;
+        let again = drain(s, &sink, work, best, 0, "fresh-again", Variant::current())?;
         say(&again.describe());
         (Some(big), Some(again))
     } else {
         (None, None)
+    };
+
+    let comparison = match &s.reference {
+        Some(revision) if s.wants("reference") => {
+            Some(reference::Comparison::run(s, &sink, work, best, revision)?)
+        }
+        _ => None,
     };
 
     if !s.wants("latency") {
@@ -306,6 +348,7 @@ fn run(s: &Settings, work: &Workdir) -> Result<()> {
         fresh_again,
         latency,
         idle,
+        comparison,
     };
     let markdown = results.markdown();
     if s.full {
@@ -350,7 +393,8 @@ pub struct BenchDb {
 }
 
 impl BenchDb {
-    fn create(admin_url: &str, tag: &str) -> Result<BenchDb> {
+    /// Migrated by `binary`, so a reference build gets the schema it was written for.
+    fn create(admin_url: &str, tag: &str, binary: &Path) -> Result<BenchDb> {
         let tag: String = tag
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
@@ -367,7 +411,7 @@ impl BenchDb {
         let mut admin = postgres::Client::connect(admin_url, postgres::NoTls)?;
         admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", db.name))?;
         admin.batch_execute(&format!("CREATE DATABASE {}", db.name))?;
-        let out = Command::new(DISPATCHER)
+        let out = Command::new(binary)
             .arg("migrate")
             .env_clear()
             .env("DATABASE_URL", &db.url)
@@ -375,6 +419,14 @@ impl BenchDb {
             .output()?;
         if !out.status.success() {
             return Err(format!("migrate failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+        }
+        // BENCH_DB_SETUP: SQL run on every fresh database after its migration, to try a schema
+        // change (e.g. `DROP INDEX …`) before writing a migration for it.
+        if let Some(sql) = std::env::var("BENCH_DB_SETUP")
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+        {
+            db.client()?.batch_execute(&sql)?;
         }
         Ok(db)
     }
@@ -534,8 +586,9 @@ fn drain(
     batch_size: u32,
     big_rows: i32,
     tag: &str,
+    variant: Variant,
 ) -> Result<Drain> {
-    let db = BenchDb::create(&s.admin_url, tag)?;
+    let db = BenchDb::create(&s.admin_url, tag, variant.binary)?;
     let mut c = db.client()?;
     if big_rows > 0 {
         let t = Instant::now();
@@ -551,10 +604,12 @@ fn drain(
         &db,
         work,
         &DaemonSettings {
+            binary: variant.binary,
             webhook: &url,
             batch_size,
             workers: s.workers,
             tag,
+            env: variant.env,
         },
     )?;
     let pid = daemon.pid();
@@ -631,22 +686,14 @@ fn drain(
     })
 }
 
-/// EXPLAIN ANALYZE of the daemon's claim and record statements (read from src/store.rs, so the
-/// plan shown is the current code's) with a backlog waiting, rolled back afterwards.
+/// EXPLAIN ANALYZE of the daemon's claim and record statements (the library's own, so the plan
+/// shown is the current code's) with a backlog waiting, rolled back afterwards.
 fn explain(c: &mut postgres::Client, batch_size: u32, backlog: i32) -> Result<String> {
-    let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/store.rs"))?;
-    let statement = |name: &str| -> Option<String> {
-        let start = source.find(&format!("const {name}: &str = \""))?;
-        let body = &source[start..];
-        let body = &body[body.find('"')? + 1..];
-        Some(body[..body.find("\";")?].trim().to_owned())
-    };
-    let (Some(claim), Some(record)) = (statement("CLAIM"), statement("RECORD")) else {
-        return Ok("(the CLAIM / RECORD statements were not found in src/store.rs)".into());
-    };
+    use message_dispatcher::store::{CLAIM, EXPIRE_LIMIT, RECORD};
     let mut tx = c.transaction()?;
     tx.execute(INSERT_BACKLOG, &[&backlog])?;
     let limit = i64::from(batch_size);
+    let expire_limit = i64::from(EXPIRE_LIMIT);
     let plan = |rows: Vec<postgres::Row>| -> String {
         rows.iter()
             .map(|r| r.get::<_, String>(0))
@@ -654,34 +701,41 @@ fn explain(c: &mut postgres::Client, batch_size: u32, backlog: i32) -> Result<St
             .join("\n")
     };
     let explain = "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF, TIMING ON)";
-    let claim_plan = plan(tx.query(
-        &format!("{explain} {claim}"),
-        &[&limit, &None::<i64>, &"bench"],
-    )?);
+    let claim_args: [&(dyn postgres::types::ToSql + Sync); 4] =
+        [&limit, &None::<i64>, &"bench", &expire_limit];
+    let claim_plan = plan(tx.query(&format!("{explain} {CLAIM}"), &claim_args)?);
     // The claim's EXPLAIN ANALYZE ran it: `limit` rows are now `sending` by "bench"; claim the
     // next batch for real to have ids to record.
     let ids: Vec<i64> = tx
-        .query(claim.as_str(), &[&limit, &None::<i64>, &"bench"])?
+        .query(CLAIM, &claim_args)?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| r.get(1))
         .collect();
     let n = ids.len();
+    let now = std::time::SystemTime::now();
     let record_plan = plan(tx.query(
-        &format!("{explain} {record}"),
+        &format!("{explain} {RECORD}"),
         &[
             &ids,
             &vec!["sent"; n],
-            &vec![1i32; n],
+            &vec![0i32; n],
             &vec![None::<&str>; n],
             &vec![Some("bench"); n],
             &vec![0i64; n],
             &None::<i64>,
             &"bench",
+            &ids,
+            &vec![1i32; n],
+            &vec![now; n],
+            &vec![1i32; n],
+            &vec![Some(202i16); n],
+            &vec![None::<&str>; n],
+            &vec![0i32; n],
         ],
     )?);
     tx.rollback()?;
     Ok(format!(
-        "-- claim (BATCH_SIZE={batch_size}, {backlog} pending)\n{claim_plan}\n\n-- record ({n} outcomes)\n{record_plan}"
+        "-- claim (BATCH_SIZE={batch_size}, {backlog} pending)\n{claim_plan}\n\n-- record ({n} outcomes, with their attempt history)\n{record_plan}"
     ))
 }
 
@@ -753,16 +807,18 @@ fn latency_and_idle(
     work: &Workdir,
     batch_size: u32,
 ) -> Result<(Latency, Idle)> {
-    let db = BenchDb::create(&s.admin_url, "latency")?;
+    let db = BenchDb::create(&s.admin_url, "latency", Path::new(DISPATCHER))?;
     let url = sink.latency_url();
     let mut daemon = Daemon::start(
         &db,
         work,
         &DaemonSettings {
+            binary: Path::new(DISPATCHER),
             webhook: &url,
             batch_size,
             workers: s.workers,
             tag: "latency",
+            env: &[],
         },
     )?;
     let mut c = db.client()?;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{BenchDb, Result, DISPATCHER, WEBHOOK_SINK};
+use crate::{BenchDb, Result, WEBHOOK_SINK};
 
 /// The JSON body every receiver here answers with, like the real webhook.
 pub const ACCEPTED: &str = r#"{"message":"Accepted","messageId":"bench"}"#;
@@ -361,10 +361,14 @@ pub struct Daemon {
 }
 
 pub struct DaemonSettings<'a> {
+    /// The dispatcher binary: this build's, or a reference build's.
+    pub binary: &'a Path,
     pub webhook: &'a str,
     pub batch_size: u32,
     pub workers: u32,
     pub tag: &'a str,
+    /// More variables, e.g. WEBHOOK_RATE_LIMIT.
+    pub env: &'a [(&'a str, String)],
 }
 
 impl Daemon {
@@ -382,10 +386,10 @@ impl Daemon {
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
-                c.args(args).arg(DISPATCHER);
+                c.args(args).arg(s.binary);
                 c
             }
-            None => Command::new(DISPATCHER),
+            None => Command::new(s.binary),
         };
         command
             .arg("serve")
@@ -399,6 +403,7 @@ impl Daemon {
             .env("SERVER_HOST", "127.0.0.1")
             .env("SERVER_PORT", port.to_string())
             .env("LOG_LEVEL", "info")
+            .envs(s.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?);
