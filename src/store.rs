@@ -35,6 +35,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0005_operations",
         include_str!("../sql/0005_operations.sql"),
     ),
+    (
+        "0006_history_without_foreign_key",
+        include_str!("../sql/0006_history_without_foreign_key.sql"),
+    ),
 ];
 
 /// Serialises migrations across instances starting at the same time (a session-level

@@ -493,6 +493,46 @@ fn the_daemons_statements_satisfy_the_constraints() {
     assert_eq!(unclaimed_but_held, 0);
 }
 
+/// The history has no foreign key (it cost a third of every outcome write): deleting messages,
+/// by retention or by hand, must still take their history with them, in the same statement.
+#[test]
+fn deleting_or_truncating_messages_deletes_their_history() {
+    install_crypto_provider();
+    let db = TestDb::migrated();
+    let mut store = Store::new(Postgres::new(&db.url, None).unwrap(), "history");
+    db.insert(6);
+    let claimed = store.claim(6, None).unwrap().messages;
+    let outcomes: Vec<Delivery> = claimed
+        .iter()
+        .map(|_| Delivery::Sent { remote_id: None })
+        .collect();
+    let attempts = attempts_of(&claimed);
+    store
+        .record(None, rows(&claimed, &outcomes, &attempts))
+        .unwrap();
+    let history = |c: &mut postgres::Client| -> i64 {
+        c.query_one("SELECT count(*) FROM message_attempts", &[])
+            .unwrap()
+            .get(0)
+    };
+    let mut c = db.client();
+    assert_eq!(history(&mut c), 6);
+    let ids: Vec<i64> = claimed.iter().map(|m| m.id).collect();
+    c.execute("DELETE FROM messages WHERE id = ANY($1)", &[&&ids[..2]])
+        .unwrap();
+    assert_eq!(history(&mut c), 4, "a DELETE takes the history of its rows");
+    let left: i64 = c
+        .query_one(
+            "SELECT count(*) FROM message_attempts WHERE message_id = ANY($1)",
+            &[&&ids[2..]],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 4, "and only theirs");
+    c.batch_execute("TRUNCATE messages").unwrap();
+    assert_eq!(history(&mut c), 0, "TRUNCATE takes all of it");
+}
+
 /// A lease deadline a few seconds ahead, for statements that need one.
 fn soon() -> message_dispatcher::clock::BootInstant {
     message_dispatcher::clock::BootInstant::now() + Duration::from_secs(5)
