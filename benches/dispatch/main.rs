@@ -25,6 +25,7 @@
 mod machine;
 mod procs;
 mod report;
+mod sink;
 
 use std::collections::HashMap;
 use std::process::{Command, ExitCode};
@@ -92,7 +93,7 @@ pub struct Settings {
     pub nginx: Option<bool>,
     pub out: Option<std::path::PathBuf>,
     pub admin_url: String,
-    /// BENCH_ONLY: the phases to run (wrk, bare, drain, big, latency); no report then.
+    /// BENCH_ONLY: the phases to run (wrk, bare, drain, big, latency, sink); no report then.
     pub only: Option<Vec<String>>,
 }
 
@@ -278,6 +279,8 @@ fn run(s: &Settings, work: &Workdir) -> Result<()> {
         (None, None)
     };
 
+    let sink_load = sink::phase(s, work)?;
+
     if !s.wants("latency") {
         say("BENCH_ONLY: no report");
         return Ok(());
@@ -306,6 +309,7 @@ fn run(s: &Settings, work: &Workdir) -> Result<()> {
         fresh_again,
         latency,
         idle,
+        sink: sink_load,
     };
     let markdown = results.markdown();
     if s.full {

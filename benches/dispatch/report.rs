@@ -22,10 +22,11 @@ pub struct Results<'a> {
     pub fresh_again: Option<Drain>,
     pub latency: Latency,
     pub idle: Idle,
+    pub sink: crate::sink::SinkLoad,
 }
 
 /// 12345.6 → "12,346".
-fn thousands(v: f64) -> String {
+pub fn thousands(v: f64) -> String {
     let digits = format!("{:.0}", v.abs());
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
@@ -40,7 +41,7 @@ fn thousands(v: f64) -> String {
     out
 }
 
-fn verdict(ok: Option<bool>) -> &'static str {
+pub fn verdict(ok: Option<bool>) -> &'static str {
     match ok {
         Some(true) => "✅ met",
         Some(false) => "❌ missed",
@@ -205,6 +206,9 @@ impl Results<'_> {
                 thousands(fresh),
                 verdict(Some(change >= -10.0))
             ));
+        }
+        for row in crate::sink::rows(&self.sink, s) {
+            line(&row);
         }
         line("");
         line("Drains, every run (rates from the backlog's commit to the last `sent_at`; first → last delivery in brackets):");
