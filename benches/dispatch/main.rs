@@ -26,6 +26,7 @@ mod machine;
 mod procs;
 mod reference;
 mod report;
+mod sink;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -110,7 +111,7 @@ pub struct Settings {
     pub nginx: Option<bool>,
     pub out: Option<std::path::PathBuf>,
     pub admin_url: String,
-    /// BENCH_ONLY: the phases to run (wrk, bare, drain, big, latency); no report then.
+    /// BENCH_ONLY: the phases to run (wrk, bare, drain, big, latency, sink); no report then.
     pub only: Option<Vec<String>>,
     /// BENCH_REFERENCE: the commit whose build the `reference` phase drains beside this one
     /// (`none` skips it); the full run's default is [`reference::DEFAULT_REVISION`].
@@ -319,6 +320,7 @@ fn run(s: &Settings, work: &Workdir) -> Result<()> {
         }
         _ => None,
     };
+    let sink_load = sink::phase(s, work)?;
 
     if !s.wants("latency") {
         say("BENCH_ONLY: no report");
@@ -349,6 +351,7 @@ fn run(s: &Settings, work: &Workdir) -> Result<()> {
         latency,
         idle,
         comparison,
+        sink: sink_load,
     };
     let markdown = results.markdown();
     if s.full {

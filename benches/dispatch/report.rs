@@ -24,10 +24,11 @@ pub struct Results<'a> {
     pub latency: Latency,
     pub idle: Idle,
     pub comparison: Option<Comparison>,
+    pub sink: crate::sink::SinkLoad,
 }
 
 /// 12345.6 → "12,346".
-fn thousands(v: f64) -> String {
+pub fn thousands(v: f64) -> String {
     let digits = format!("{:.0}", v.abs());
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
@@ -42,7 +43,7 @@ fn thousands(v: f64) -> String {
     out
 }
 
-fn verdict(ok: Option<bool>) -> &'static str {
+pub fn verdict(ok: Option<bool>) -> &'static str {
     match ok {
         Some(true) => "✅ met",
         Some(false) => "❌ missed",
@@ -224,6 +225,9 @@ impl Results<'_> {
                 thousands(reference::mean(&c.limited)),
                 c.limiter_change()
             ));
+        }
+        for row in crate::sink::rows(&self.sink, s) {
+            line(&row);
         }
         line("");
         line("Drains, every run (rates from the backlog's commit to the last `sent_at`; first → last delivery in brackets):");
