@@ -66,7 +66,7 @@ pub fn serve(config: &Config) -> Result<(), Error> {
         .webhook_rate_limit
         .map(|r| Arc::new(RateLimit::new(r)));
     let workers = worker::Worker {
-        webhook: Arc::new(Webhook::new(config, webhook_url)),
+        webhook: Arc::new(Webhook::new(config, webhook_url)?),
         permit: leadership.permit(),
         circuit: circuit.clone(),
         rate_limit: rate_limit.clone(),

@@ -51,16 +51,12 @@ pub struct Attempted {
 }
 
 /// The CAs an https webhook's certificate must chain to: those of SSL_CERT_FILE when set (a
-/// private CA; the file was checked by `Config::require_webhook`), else the Mozilla roots
-/// built into the binary.
-fn roots(config: &Config) -> RootCerts {
-    match &config.webhook_ca_file {
-        Some(path) => match load_roots(path) {
-            Ok(certs) => RootCerts::from(certs),
-            Err(e) => panic!("{e} (checked at start-up)"),
-        },
+/// private CA), else the Mozilla roots built into the binary.
+fn roots(config: &Config) -> Result<RootCerts, Error> {
+    Ok(match &config.webhook_ca_file {
+        Some(path) => RootCerts::from(load_roots(path)?),
         None => RootCerts::WebPki,
-    }
+    })
 }
 
 /// The certificates of a PEM bundle; an error names SSL_CERT_FILE when the file cannot be read
@@ -93,7 +89,8 @@ pub struct Webhook {
 }
 
 impl Webhook {
-    pub fn new(config: &Config, url: &Url) -> Webhook {
+    /// Fails (naming SSL_CERT_FILE) when the CA file cannot be read or holds no certificate.
+    pub fn new(config: &Config, url: &Url) -> Result<Webhook, Error> {
         let agent_config = Agent::config_builder()
             .timeout_global(Some(config.webhook_timeout))
             .http_status_as_error(false)
@@ -106,14 +103,14 @@ impl Webhook {
             .max_idle_connections(config.worker_count as usize * 2)
             .max_idle_connections_per_host(config.worker_count as usize * 2)
             .user_agent(concat!("message-dispatcher/", env!("CARGO_PKG_VERSION")))
-            .tls_config(TlsConfig::builder().root_certs(roots(config)).build())
+            .tls_config(TlsConfig::builder().root_certs(roots(config)?).build())
             .build();
         let agent = Agent::with_parts(
             agent_config,
             DefaultConnector::default(),
             CachingResolver::default(),
         );
-        Webhook {
+        Ok(Webhook {
             agent,
             url: url.clone(),
             uri: url.as_str().parse().ok(),
@@ -121,7 +118,7 @@ impl Webhook {
             max_attempts: config.max_attempts,
             retry_base: config.retry_base_delay,
             retry_max: config.retry_max_delay,
-        }
+        })
     }
 
     /// Makes one request for `message`; `probe` when it tests an open circuit (its failure
@@ -486,7 +483,7 @@ mod tests {
 
     fn webhook_for(url: &Url) -> Webhook {
         let vars = [("WEBHOOK_URL".to_owned(), url.to_string())].into();
-        Webhook::new(&Config::from_vars(&vars).unwrap(), url)
+        Webhook::new(&Config::from_vars(&vars).unwrap(), url).unwrap()
     }
 
     fn message(content: String) -> Claimed {

@@ -470,7 +470,7 @@ fn bare_loop(url: &str, workers: u32, secs: f64, sender: Sender) -> Result<f64> 
     .collect();
     let config = Config::from_vars(&vars).map_err(|e| e.to_string())?;
     let webhook_url = config.webhook_url.clone().ok_or("no WEBHOOK_URL")?;
-    let webhook = Arc::new(Webhook::new(&config, &webhook_url));
+    let webhook = Arc::new(Webhook::new(&config, &webhook_url)?);
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(config.webhook_timeout))
         .http_status_as_error(false)
