@@ -9,12 +9,6 @@ use common::*;
 
 const LONG: Duration = Duration::from_secs(30);
 
-fn continuous_env(db: &TestDb, webhook: &str) -> Vec<(String, String)> {
-    let mut env = daemon_env(db, webhook);
-    set(&mut env, "PROCESSING_INTERVAL", "0");
-    env
-}
-
 #[test]
 fn a_message_inserted_while_idle_goes_out_without_waiting() {
     let db = TestDb::migrated();

@@ -10,12 +10,6 @@ use common::*;
 
 const LONG: Duration = Duration::from_secs(30);
 
-fn continuous_env(db: &TestDb, webhook: &str) -> Vec<(String, String)> {
-    let mut env = daemon_env(db, webhook);
-    set(&mut env, "PROCESSING_INTERVAL", "0");
-    env
-}
-
 /// `{"messageId":"x\u0000y"}` on a 202, or a NUL byte in a 500's body, cannot be stored as
 /// PostgreSQL text. Such an answer once made every outcome write of its batch fail forever,
 /// leaving the whole batch `sending` and no claim running again.

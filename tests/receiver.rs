@@ -9,9 +9,10 @@
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::cluster::*;
 use common::*;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -19,11 +20,6 @@ const LONG: Duration = Duration::from_secs(60);
 const THRESHOLD: usize = 5;
 /// The cap on the time between two probes of an open circuit.
 const PROBE_CAP: Duration = Duration::from_secs(30);
-
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// `daemon_env` without its fast retry settings: MAX_ATTEMPTS, RETRY_BASE_DELAY and
 /// RETRY_MAX_DELAY take their defaults (20, 5s, 10m).
@@ -78,21 +74,6 @@ fn metric(daemon: &Daemon, name: &str) -> f64 {
 const CIRCUIT_STATE: &str = "message_dispatcher_webhook_circuit_state";
 const CIRCUIT_OPENED: &str = "message_dispatcher_webhook_circuit_opened_total";
 const SLOW_DOWNS: &str = "message_dispatcher_webhook_slow_downs_total";
-
-/// A log line's `ts` (`2026-01-02T03:04:05.678Z`) in milliseconds since the Unix epoch.
-fn log_time_ms(line: &serde_json::Value) -> i64 {
-    let ts = line["ts"].as_str().unwrap();
-    let num = |range: std::ops::Range<usize>| ts[range].parse::<i64>().unwrap();
-    let (y, m, d) = (num(0..4), num(5..7), num(8..10));
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
-    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
-    let ms_of_day = ((num(11..13) * 60 + num(14..16)) * 60 + num(17..19)) * 1000 + num(20..23);
-    days * 86_400_000 + ms_of_day
-}
 
 /// When the circuit's probes failed and when it closed, in seconds after it (first) opened.
 fn probe_timeline(daemon: &Daemon) -> String {
@@ -425,35 +406,6 @@ fn webhook_rate_limit_holds_at_the_receiver() {
 
 // ---- the circuit across lease fail-overs ----
 
-fn ha_env(database_url: &str, key: &str) -> Vec<(String, String)> {
-    let mut env = env_for_url(database_url, "");
-    for (k, v) in [
-        ("REDIS_URL", redis_url().as_str()),
-        ("DISTRIBUTED_LOCK_ENABLED", "true"),
-        ("DISTRIBUTED_LOCK_KEY", key),
-        ("DISTRIBUTED_LOCK_TTL", "3s"),
-        ("MAX_PROCESSING_TIME", "1s"),
-        ("WEBHOOK_TIMEOUT", "1s"),
-        ("MAX_ATTEMPTS", "50"),
-    ] {
-        set(&mut env, k, v);
-    }
-    env
-}
-
-fn path_of(n: usize) -> String {
-    format!("/instance-{n}")
-}
-
-fn start_instance(n: usize, env: &[(String, String)], receiver: &Receiver) -> Daemon {
-    let mut env = env.to_vec();
-    let url = format!("http://127.0.0.1:{}{}", receiver.port, path_of(n));
-    set(&mut env, "WEBHOOK_URL", &url);
-    let daemon = Daemon::spawn(&format!("instance-{n}"), &env);
-    daemon.wait_healthy_or_degraded();
-    daemon
-}
-
 /// Waits until exactly one of `daemons` says it holds the lease; returns its index.
 fn wait_one_holder(daemons: &[&Daemon]) -> usize {
     let mut holder = 0;
@@ -523,7 +475,7 @@ fn the_circuit_across_a_sigkill_failover() {
             Answer::status(503).delay(SLOW_503)
         }
     });
-    let env = ha_env(&db.url, &unique("md_receiver_lock"));
+    let env = ha_env(&db.url, &redis_url(), &unique("md_receiver_lock"));
     let a = start_instance(1, &env, &receiver);
     wait_one_holder(&[&a]);
     let b = start_instance(2, &env, &receiver);
@@ -560,18 +512,6 @@ fn the_circuit_across_a_sigkill_failover() {
     assert_eq!(metric(s, CIRCUIT_STATE), 0.0);
 }
 
-fn stopped(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            stat.rsplit_once(')')
-                .unwrap()
-                .1
-                .trim_start()
-                .starts_with('T')
-        })
-        .unwrap_or(false)
-}
-
 /// A new leadership resets the circuit even when the instance's circuit was open from an
 /// earlier leadership: A opens, is paused past its lease, B takes over; A resumes as a standby
 /// with its circuit still open; B is SIGKILLed and A leads again, starting closed.
@@ -591,7 +531,7 @@ fn a_leader_that_comes_back_starts_with_a_closed_circuit() {
             Answer::status(503).delay(SLOW_503)
         }
     });
-    let env = ha_env(&db.url, &unique("md_receiver_lock"));
+    let env = ha_env(&db.url, &redis_url(), &unique("md_receiver_lock"));
     let a = start_instance(1, &env, &receiver);
     assert_eq!(wait_one_holder(&[&a]), 0);
     a.wait_log("Webhook circuit opened", LONG);

@@ -3,6 +3,7 @@
 //! deadlines (never bare sleeps).
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod cluster;
 pub mod proxy;
 pub mod servers;
 
@@ -391,6 +392,13 @@ pub struct Daemon {
 /// Settings for a test daemon: fast cycles, its own port and database.
 pub fn daemon_env(db: &TestDb, webhook: &str) -> Vec<(String, String)> {
     env_for_url(&db.url, webhook)
+}
+
+/// [`daemon_env`] in continuous mode (PROCESSING_INTERVAL=0).
+pub fn continuous_env(db: &TestDb, webhook: &str) -> Vec<(String, String)> {
+    let mut env = daemon_env(db, webhook);
+    set(&mut env, "PROCESSING_INTERVAL", "0");
+    env
 }
 
 /// The same for a database given by URL (e.g. in a private cluster).
