@@ -136,9 +136,9 @@ pub struct Data {
     pub incs: Vec<Inc>,
     pub faults: Vec<FaultRecord>,
     pub samples: Vec<Sample>,
-    /// Per message, the start (µs) of each recorded attempt that got no answer: the request
-    /// failed on the client (timeout, reset, refused) — the receiver may never have seen it.
-    pub unanswered: HashMap<i64, Vec<i64>>,
+    /// Per message, its attempt history: when each recorded request started (µs) and whether
+    /// an answer came (without one — a timeout, a reset — the receiver may never have seen it).
+    pub history: HashMap<i64, Vec<(i64, bool)>>,
     /// When the last fault was healed (µs).
     pub healed_at: i64,
 }
@@ -569,18 +569,36 @@ pub fn check(d: &Data) -> Report {
             }
             // The claim counts the attempt (+1); an outcome of a message never sent gives it
             // back (-1), so claim and outcome together add exactly the requests made.
-            // A request whose attempt history says it got no answer may have died in the
-            // receiver's accept queue (an overloaded receiver, a client timeout): counted, as
-            // the daemon cannot know, and never seen.
-            let unanswered = d.unanswered.get(id).is_some_and(|starts| {
-                starts
-                    .iter()
-                    .any(|at| *at >= c.at - 5 * MS && c.end_at.is_none_or(|end| *at <= end))
-            });
+            // The history rows of this claim's requests: none when no request was made.
+            let recorded: Vec<bool> = d
+                .history
+                .get(id)
+                .map(|rows| {
+                    rows.iter()
+                        .filter(|(at, _)| {
+                            *at >= c.at - 5 * MS && c.end_at.is_none_or(|end| *at <= end)
+                        })
+                        .map(|(_, answered)| *answered)
+                        .collect()
+                })
+                .unwrap_or_default();
             match &c.end {
-                ClaimEnd::Outcome(_, 0) if reqs.is_empty() && unanswered => {
+                // A request whose history says it got no answer may have died in the
+                // receiver's accept queue (an overloaded receiver, a client timeout): counted,
+                // as the daemon cannot know, and never seen.
+                ClaimEnd::Outcome(_, 0) if reqs.is_empty() && recorded == [false] => {
                     report.except(
                         "a request that got no answer and never reached the receiver: counted in attempts, not seen",
+                    );
+                }
+                // Back to pending by its own claimant with no request on record: the claim's
+                // answer was lost with its connection, so the claimant never knew it held the
+                // rows, and its crash recovery returned them.
+                ClaimEnd::Outcome(status, 0)
+                    if status == "pending" && reqs.is_empty() && recorded.is_empty() =>
+                {
+                    report.except(
+                        "claimed, never sent, then recovered: counted in attempts without a request",
                     );
                 }
                 ClaimEnd::Outcome(status, tried) if (1 + *tried) as usize != reqs.len().min(1) => {

@@ -425,16 +425,20 @@ fn gather(world: &World, healed_at: i64) -> Data {
             app: r.get(11),
         })
         .collect();
-    let mut unanswered: HashMap<i64, Vec<i64>> = HashMap::new();
+    let mut history: HashMap<i64, Vec<(i64, bool)>> = HashMap::new();
     for r in c
         .query(
-            "SELECT message_id, (extract(epoch FROM started_at) * 1000000)::bigint
-             FROM message_attempts WHERE status_code IS NULL",
+            "SELECT message_id, (extract(epoch FROM started_at) * 1000000)::bigint,
+                    status_code IS NOT NULL
+             FROM message_attempts",
             &[],
         )
         .unwrap()
     {
-        unanswered.entry(r.get(0)).or_default().push(r.get(1));
+        history
+            .entry(r.get(0))
+            .or_default()
+            .push((r.get(1), r.get(2)));
     }
     let incs = world
         .incarnations
@@ -463,7 +467,7 @@ fn gather(world: &World, healed_at: i64) -> Data {
         incs,
         faults: world.faults.clone(),
         samples: world.samples.lock().unwrap().clone(),
-        unanswered,
+        history,
         healed_at,
     }
 }

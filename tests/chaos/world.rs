@@ -292,9 +292,18 @@ impl World {
     }
 
     fn end(&mut self, index: usize, ending: Ending) {
+        let now = now_us();
         let inc = &mut self.incarnations[index];
-        inc.ended = Some(now_us());
+        inc.ended = Some(now);
         inc.ending = ending;
+        // A SIGTERM's effect lasts until its instance has exited: then it is healed, so that it
+        // is not named as the cause of whatever happens on that slot afterwards.
+        for f in &mut self.faults {
+            if matches!(f.kind, Kind::Term(_)) && f.incarnation == Some(index) && f.healed.is_none()
+            {
+                f.healed = Some(now);
+            }
+        }
     }
 
     /// The slot whose instance the lease key names, from Redis directly.
