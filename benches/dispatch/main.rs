@@ -15,7 +15,9 @@
 //! 7. the idle daemon's CPU use;
 //! 8. the drain again on a table that already holds a million `sent` rows, and EXPLAIN ANALYZE of
 //!    the claim and record statements there;
-//! 9. writes the results to BENCHMARKS.md (between its generated-section markers).
+//! 9. the slow receiver (slow.rs): WORKER_COUNT 64 / 256 / 1,024 against 50 / 100 / 250 ms per
+//!    request, msgs/s against the ideal (WORKER_COUNT / delay), peak RSS, CPU per 1,000 messages;
+//! 10. writes the results to BENCHMARKS.md (between its generated-section markers).
 //!
 //! Run by `cargo test --all-targets` (no `--bench` argument) it is a smoke test of a few seconds:
 //! a few hundred messages, no wrk and no big table, webhook-sink when nginx is not installed,
@@ -25,6 +27,7 @@
 mod machine;
 mod procs;
 mod report;
+mod slow;
 
 use std::collections::HashMap;
 use std::process::{Command, ExitCode};
@@ -92,7 +95,7 @@ pub struct Settings {
     pub nginx: Option<bool>,
     pub out: Option<std::path::PathBuf>,
     pub admin_url: String,
-    /// BENCH_ONLY: the phases to run (wrk, bare, drain, big, latency); no report then.
+    /// BENCH_ONLY: the phases to run (wrk, bare, drain, big, slow, latency); no report then.
     pub only: Option<Vec<String>>,
 }
 
@@ -278,6 +281,12 @@ fn run(s: &Settings, work: &Workdir) -> Result<()> {
         (None, None)
     };
 
+    let slow = if s.wants("slow") {
+        slow::phase(s, work)?
+    } else {
+        Vec::new()
+    };
+
     if !s.wants("latency") {
         say("BENCH_ONLY: no report");
         return Ok(());
@@ -306,6 +315,7 @@ fn run(s: &Settings, work: &Workdir) -> Result<()> {
         fresh_again,
         latency,
         idle,
+        slow,
     };
     let markdown = results.markdown();
     if s.full {

@@ -22,10 +22,11 @@ pub struct Results<'a> {
     pub fresh_again: Option<Drain>,
     pub latency: Latency,
     pub idle: Idle,
+    pub slow: Vec<crate::slow::SlowRun>,
 }
 
 /// 12345.6 → "12,346".
-fn thousands(v: f64) -> String {
+pub fn thousands(v: f64) -> String {
     let digits = format!("{:.0}", v.abs());
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
@@ -40,7 +41,7 @@ fn thousands(v: f64) -> String {
     out
 }
 
-fn verdict(ok: Option<bool>) -> &'static str {
+pub fn verdict(ok: Option<bool>) -> &'static str {
     match ok {
         Some(true) => "✅ met",
         Some(false) => "❌ missed",
@@ -206,6 +207,9 @@ impl Results<'_> {
                 verdict(Some(change >= -10.0))
             ));
         }
+        for row in crate::slow::headline(&self.slow) {
+            line(&row);
+        }
         line("");
         line("Drains, every run (rates from the backlog's commit to the last `sent_at`; first → last delivery in brackets):");
         line("");
@@ -243,6 +247,7 @@ impl Results<'_> {
             line(plan);
             line("```");
         }
+        out.push_str(&crate::slow::section(&self.slow));
         out
     }
 }
