@@ -15,7 +15,9 @@
 //! 7. the idle daemon's CPU use;
 //! 8. the drain again on a table that already holds a million `sent` rows, and EXPLAIN ANALYZE of
 //!    the claim and record statements there;
-//! 9. writes the results to BENCHMARKS.md (between its generated-section markers).
+//! 9. the slow receiver (slow.rs): WORKER_COUNT 64 / 256 / 1,024 against 50 / 100 / 250 ms per
+//!    request, msgs/s against the ideal (WORKER_COUNT / delay), peak RSS, CPU per 1,000 messages;
+//! 10. writes the results to BENCHMARKS.md (between its generated-section markers).
 //!
 //! Run by `cargo test --all-targets` (no `--bench` argument) it is a smoke test of a few seconds:
 //! a few hundred messages, no wrk and no big table, webhook-sink when nginx is not installed,
@@ -27,6 +29,7 @@ mod procs;
 mod reference;
 mod report;
 mod sink;
+mod slow;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -111,7 +114,8 @@ pub struct Settings {
     pub nginx: Option<bool>,
     pub out: Option<std::path::PathBuf>,
     pub admin_url: String,
-    /// BENCH_ONLY: the phases to run (wrk, bare, drain, big, latency, sink); no report then.
+    /// BENCH_ONLY: the phases to run (wrk, bare, drain, big, reference, sink, slow, latency);
+    /// no report then.
     pub only: Option<Vec<String>>,
     /// BENCH_REFERENCE: the commit whose build the `reference` phase drains beside this one
     /// (`none` skips it); the full run's default is [`reference::DEFAULT_REVISION`].
@@ -321,6 +325,11 @@ fn run(s: &Settings, work: &Workdir) -> Result<()> {
         _ => None,
     };
     let sink_load = sink::phase(s, work)?;
+    let slow = if s.wants("slow") {
+        slow::phase(s, work)?
+    } else {
+        Vec::new()
+    };
 
     if !s.wants("latency") {
         say("BENCH_ONLY: no report");
@@ -352,6 +361,7 @@ fn run(s: &Settings, work: &Workdir) -> Result<()> {
         idle,
         comparison,
         sink: sink_load,
+        slow,
     };
     let markdown = results.markdown();
     if s.full {

@@ -25,6 +25,7 @@ pub struct Results<'a> {
     pub idle: Idle,
     pub comparison: Option<Comparison>,
     pub sink: crate::sink::SinkLoad,
+    pub slow: Vec<crate::slow::SlowRun>,
 }
 
 /// 12345.6 → "12,346".
@@ -229,6 +230,9 @@ impl Results<'_> {
         for row in crate::sink::rows(&self.sink, s) {
             line(&row);
         }
+        for row in crate::slow::headline(&self.slow) {
+            line(&row);
+        }
         line("");
         line("Drains, every run (rates from the backlog's commit to the last `sent_at`; first → last delivery in brackets):");
         line("");
@@ -279,6 +283,7 @@ impl Results<'_> {
             line(plan);
             line("```");
         }
+        out.push_str(&crate::slow::section(&self.slow));
         out
     }
 }
