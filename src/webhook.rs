@@ -30,15 +30,15 @@ const MAX_RESPONSE_BODY: u64 = 64 * 1024;
 const MAX_ERROR_TEXT: usize = 200;
 /// ureq gives each connection an input and an output buffer, zero-filled to full size on first
 /// use: 128 KiB each by default, a quarter of a megabyte resident per pooled connection, i.e.
-/// per worker. What we send is a small JSON body and a few headers (a longer body goes out in
-/// several writes); what we read is a status line and headers (at most
-/// [`MAX_RESPONSE_HEADER`]), then a body read in pieces. ureq itself wants 10 KiB of the input
-/// buffer free as scratch space while it sends.
-const INPUT_BUFFER: usize = 16 * 1024;
-const OUTPUT_BUFFER: usize = 8 * 1024;
+/// per worker (331 MB at WORKER_COUNT=1024). What we send is a small JSON body and a few headers
+/// (a longer body goes out in several writes); what we read is a status line and headers (at
+/// most [`MAX_RESPONSE_HEADER`]), then a body read in pieces. ureq itself wants 10 KiB of the
+/// input buffer free as scratch space while it sends.
+const INPUT_BUFFER: usize = 12 * 1024;
+const OUTPUT_BUFFER: usize = 4 * 1024;
 /// Larger response headers fail the request with a clear error ("response header too large");
-/// kept under [`INPUT_BUFFER`], which must hold them whole.
-const MAX_RESPONSE_HEADER: usize = 15 * 1024;
+/// kept under [`INPUT_BUFFER`], which must hold them whole. Real APIs answer with 1–2 KiB.
+const MAX_RESPONSE_HEADER: usize = 11 * 1024;
 /// How long a resolved webhook address is reused before the host name is looked up again.
 const RESOLVE_TTL: Duration = Duration::from_secs(5);
 
@@ -500,8 +500,8 @@ mod tests {
     #[test]
     fn the_small_buffers_carry_long_bodies_and_ordinary_large_headers() {
         // A body far larger than the output buffer goes out whole, in several writes; an answer
-        // with 12 KiB of headers (large for any real receiver) is read.
-        let (url, server) = answering_with_headers(12 * 1024);
+        // with 10 KiB of headers (large for any real receiver) is read.
+        let (url, server) = answering_with_headers(10 * 1024);
         let content = "ü".repeat(40_000);
         let attempted = webhook_for(&url).deliver(&message(content.clone()), false);
         assert_eq!(
