@@ -34,6 +34,7 @@ pub fn serve(config: &Config) -> Result<(), Error> {
     let webhook_url = config.require_webhook()?;
     let shutdown = Shutdown::new();
     shutdown.on_signals()?;
+    raise_open_files_limit(config.worker_count);
 
     let instance_id = new_instance_id();
     let mut store = Store::new(config.postgres()?, &instance_id);
@@ -188,4 +189,36 @@ pub fn migrate_until(store: &mut Store, shutdown: &Shutdown) -> Result<bool, Err
         log::debug!(channel = store::NOTIFY_CHANNEL; "Schema up to date");
     }
     Ok(true)
+}
+
+/// Every worker keeps a connection to the receiver open (and the agent may keep as many again
+/// idle), and Rust, unlike Go, leaves the open-files limit where it found it: systemd starts
+/// services with a soft limit of 1,024, too few for WORKER_COUNT=1024. Like Go's runtime, raise
+/// the soft limit to the hard one; say so when even that is short of what the workers may need.
+fn raise_open_files_limit(workers: u32) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            ..limit
+        };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    // A connection per worker and as many idle, plus PostgreSQL, Redis, the API and files.
+    let needed = u64::from(workers) * 2 + 64;
+    if limit.rlim_cur < needed {
+        log::warn!(
+            limit = limit.rlim_cur, needed = needed, worker_count = workers;
+            "Open files limit is low for WORKER_COUNT: raise LimitNOFILE (systemd) or ulimit -n"
+        );
+    }
 }
