@@ -17,13 +17,16 @@
 //!    the claim and record statements there;
 //! 9. the slow receiver (slow.rs): WORKER_COUNT 64 / 256 / 1,024 against 50 / 100 / 250 ms per
 //!    request, msgs/s against the ideal (WORKER_COUNT / delay), peak RSS, CPU per 1,000 messages;
-//! 10. writes the results to BENCHMARKS.md (between its generated-section markers).
+//! 10. https (https.rs): the same nginx over TLS with a throwaway CA: wrk, the bare loop and a drain
+//!     over https, and the TLS handshakes the daemon made;
+//! 11. writes the results to BENCHMARKS.md (between its generated-section markers).
 //!
 //! Run by `cargo test --all-targets` (no `--bench` argument) it is a smoke test of a few seconds:
 //! a few hundred messages, no wrk and no big table, webhook-sink when nginx is not installed,
 //! nothing written. `BENCH_*` variables change sizes (see [`Settings::from_env`]); a run with
 //! any of them set writes its report only where `BENCH_OUT` says.
 
+mod https;
 mod machine;
 mod procs;
 mod reference;
@@ -114,7 +117,8 @@ pub struct Settings {
     pub nginx: Option<bool>,
     pub out: Option<std::path::PathBuf>,
     pub admin_url: String,
-    /// BENCH_ONLY: the phases to run (wrk, bare, drain, big, reference, sink, slow, latency);
+    /// BENCH_ONLY: the phases to run (wrk, bare, drain, big, reference, https, sink, slow,
+    /// latency);
     /// no report then.
     pub only: Option<Vec<String>>,
     /// BENCH_REFERENCE: the commit whose build the `reference` phase drains beside this one
@@ -256,7 +260,8 @@ fn run(s: &Settings, work: &Workdir) -> Result<()> {
     let machine = machine::Machine::describe(&mut admin);
     drop(admin);
 
-    let sink = Sink::start(work, s.nginx)?;
+    let certs = https::prepare(s, work)?;
+    let sink = Sink::start(work, s.nginx, certs.as_ref().ok())?;
     say(&format!("receiver: {} at {}", sink.name(), sink.url()));
 
     let wrk = match sink.nginx() {
@@ -273,12 +278,18 @@ fn run(s: &Settings, work: &Workdir) -> Result<()> {
 
     let (mut bare, mut raw) = (f64::NAN, f64::NAN);
     if s.wants("bare") {
-        bare = bare_loop(&sink.url(), s.workers, s.bare_secs, Sender::Deliver)?;
+        bare = bare_loop(&sink.url(), None, s.workers, s.bare_secs, Sender::Deliver)?;
         say(&format!(
             "bare loop (Webhook::deliver, {} threads, one agent): {bare:.0} msgs/s",
             s.workers
         ));
-        raw = bare_loop(&sink.url(), s.workers, s.bare_secs / 2.0, Sender::RawUreq)?;
+        raw = bare_loop(
+            &sink.url(),
+            None,
+            s.workers,
+            s.bare_secs / 2.0,
+            Sender::RawUreq,
+        )?;
         say(&format!(
             "bare loop (stock ureq agent, minimal request): {raw:.0} msgs/s"
         ));
@@ -298,9 +309,8 @@ fn run(s: &Settings, work: &Workdir) -> Result<()> {
         say(&d.describe());
         sweep.push(d);
     }
-    let best = sweep
-        .iter()
-        .max_by(|a, b| a.rate.total_cmp(&b.rate))
+    let best_drain = sweep.iter().max_by(|a, b| a.rate.total_cmp(&b.rate));
+    let best = best_drain
         .map(|d| d.batch_size)
         .or(s.batch_sizes.first().copied())
         .ok_or("no batch size given")?;
@@ -324,6 +334,12 @@ fn run(s: &Settings, work: &Workdir) -> Result<()> {
         }
         _ => None,
     };
+    let plain = https::Plain {
+        wrk,
+        bare: Some(bare).filter(|b| !b.is_nan()),
+        drain: best_drain,
+    };
+    let https = https::phase(s, work, &sink, certs, &plain)?;
     let sink_load = sink::phase(s, work)?;
     let slow = if s.wants("slow") {
         slow::phase(s, work)?
@@ -360,6 +376,7 @@ fn run(s: &Settings, work: &Workdir) -> Result<()> {
         latency,
         idle,
         comparison,
+        https,
         sink: sink_load,
         slow,
     };
@@ -461,7 +478,7 @@ impl Drop for BenchDb {
 }
 
 #[derive(Clone, Copy)]
-enum Sender {
+pub enum Sender {
     /// The dispatcher's own sending code: body, headers, reading the answer, `messageId`.
     Deliver,
     /// A stock ureq agent (default resolver) doing the least it can: a POST with the same
@@ -470,14 +487,24 @@ enum Sender {
 }
 
 /// `workers` threads sending through one shared agent, no database: messages per second.
-fn bare_loop(url: &str, workers: u32, secs: f64, sender: Sender) -> Result<f64> {
-    let vars: HashMap<String, String> = [
+/// `ca`: the SSL_CERT_FILE an https `url` needs (the dispatcher's sender only).
+pub fn bare_loop(
+    url: &str,
+    ca: Option<&Path>,
+    workers: u32,
+    secs: f64,
+    sender: Sender,
+) -> Result<f64> {
+    let mut vars: HashMap<String, String> = [
         ("WEBHOOK_URL", url.to_owned()),
         ("WORKER_COUNT", workers.to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
+    if let Some(ca) = ca {
+        vars.insert("SSL_CERT_FILE".into(), ca.display().to_string());
+    }
     let config = Config::from_vars(&vars).map_err(|e| e.to_string())?;
     let webhook_url = config.webhook_url.clone().ok_or("no WEBHOOK_URL")?;
     let webhook = Arc::new(Webhook::new(&config, &webhook_url)?);
@@ -570,7 +597,7 @@ pub struct Drain {
 }
 
 impl Drain {
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         format!(
             "drain BATCH_SIZE={} on {} rows: {} msgs in {:.2} s = {:.0} msgs/s (first→last {:.0}/s), \
              peak RSS {} kB, CPU {:.0} ms / 1,000 msgs (PostgreSQL {})",
@@ -601,6 +628,19 @@ fn drain(
     tag: &str,
     variant: Variant,
 ) -> Result<Drain> {
+    drain_to(s, &sink.url(), work, batch_size, big_rows, tag, variant)
+}
+
+/// [`drain`] to any webhook URL.
+pub fn drain_to(
+    s: &Settings,
+    url: &str,
+    work: &Workdir,
+    batch_size: u32,
+    big_rows: i32,
+    tag: &str,
+    variant: Variant,
+) -> Result<Drain> {
     let db = BenchDb::create(&s.admin_url, tag, variant.binary)?;
     let mut c = db.client()?;
     if big_rows > 0 {
@@ -612,13 +652,12 @@ fn drain(
             t.elapsed().as_secs_f64()
         ));
     }
-    let url = sink.url();
     let mut daemon = Daemon::start(
         &db,
         work,
         &DaemonSettings {
             binary: variant.binary,
-            webhook: &url,
+            webhook: url,
             batch_size,
             workers: s.workers,
             tag,

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::https::Certs;
 use crate::{BenchDb, Result, WEBHOOK_SINK};
 
 /// The JSON body every receiver here answers with, like the real webhook.
@@ -112,7 +113,8 @@ pub enum Sink {
 }
 
 impl Sink {
-    pub fn start(work: &Workdir, want_nginx: Option<bool>) -> Result<Sink> {
+    /// With `tls`, nginx also serves https (see [`Nginx::https_url`]).
+    pub fn start(work: &Workdir, want_nginx: Option<bool>, tls: Option<&Certs>) -> Result<Sink> {
         let nginx = find("nginx");
         let use_nginx = match want_nginx {
             Some(true) => {
@@ -128,6 +130,7 @@ impl Sink {
             return Ok(Sink::Nginx(Nginx::start(
                 &nginx.expect("checked above"),
                 work,
+                tls,
             )?));
         }
         let why = if nginx.is_none() {
@@ -209,16 +212,42 @@ pub struct Nginx {
     child: Child,
     pub port: u16,
     pub log_port: u16,
+    /// The https server's port, when started with certificates.
+    pub tls_port: Option<u16>,
     dir: PathBuf,
     pub version: String,
 }
 
 impl Nginx {
-    fn start(binary: &Path, work: &Workdir) -> Result<Nginx> {
+    fn start(binary: &Path, work: &Workdir, tls: Option<&Certs>) -> Result<Nginx> {
         let dir = work.path("nginx");
         fs::create_dir_all(dir.join("tmp"))?;
         let (port, log_port) = (free_port()?, free_port()?);
+        let tls_port = tls.map(|_| free_port()).transpose()?;
         let d = dir.display();
+        // The https server answers like the first one, and logs one line per connection (its
+        // first request): the TLS handshakes, and whether each resumed a session.
+        let https = match (tls, tls_port) {
+            (Some(c), Some(tls_port)) => format!(
+                r#"
+    map $connection_requests $first_request {{ 1 1; default 0; }}
+    log_format handshakes '$connection $ssl_session_reused $ssl_protocol';
+    server {{
+        listen 127.0.0.1:{tls_port} ssl reuseport;
+        ssl_certificate {};
+        ssl_certificate_key {};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:bench_tls:1m;
+        ssl_session_timeout 1h;
+        ssl_session_tickets on;
+        access_log {d}/handshakes.log handshakes if=$first_request;
+        location / {{ return 202 '{ACCEPTED}'; }}
+    }}"#,
+                c.cert.display(),
+                c.key.display()
+            ),
+            _ => String::new(),
+        };
         // `return 202` answers without reading the body; nginx discards it and keeps the
         // connection alive. The second server logs each request's arrival (`$msec`, the key) for
         // the latency run; the first logs nothing, so throughput runs measure only the answer.
@@ -248,7 +277,7 @@ http {{
         listen 127.0.0.1:{log_port};
         access_log {d}/arrivals.log arrivals;
         location / {{ return 202 '{ACCEPTED}'; }}
-    }}
+    }}{https}
 }}
 "#
         );
@@ -276,17 +305,37 @@ http {{
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.join("stderr.log"))?)
             .spawn()?;
-        let ready = wait_port(port, &mut child, "nginx", &log)
-            .and_then(|()| wait_port(log_port, &mut child, "nginx", &log));
+        let ready = [Some(port), Some(log_port), tls_port]
+            .into_iter()
+            .flatten()
+            .try_for_each(|p| wait_port(p, &mut child, "nginx", &log));
         let nginx = Nginx {
             child,
             port,
             log_port,
+            tls_port,
             dir,
             version,
         };
         ready?;
         Ok(nginx)
+    }
+
+    /// Where the https runs send, when nginx serves https.
+    pub fn https_url(&self) -> Option<String> {
+        Some(format!("https://127.0.0.1:{}/webhook", self.tls_port?))
+    }
+
+    /// `(resumed a session, protocol)` of every connection made to [`Nginx::https_url`] so far.
+    pub fn handshakes(&self) -> Vec<(bool, String)> {
+        fs::read_to_string(self.dir.join("handshakes.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace().skip(1);
+                Some((f.next()? == "r", f.next().unwrap_or("").to_owned()))
+            })
+            .collect()
     }
 }
 

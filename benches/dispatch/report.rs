@@ -24,6 +24,7 @@ pub struct Results<'a> {
     pub latency: Latency,
     pub idle: Idle,
     pub comparison: Option<Comparison>,
+    pub https: crate::https::HttpsPhase,
     pub sink: crate::sink::SinkLoad,
     pub slow: Vec<crate::slow::SlowRun>,
 }
@@ -226,6 +227,9 @@ impl Results<'_> {
                 thousands(reference::mean(&c.limited)),
                 c.limiter_change()
             ));
+        }
+        for row in crate::https::rows(&self.https, s) {
+            line(&row);
         }
         for row in crate::sink::rows(&self.sink, s) {
             line(&row);
