@@ -486,15 +486,9 @@ pub enum Sender {
     RawUreq,
 }
 
-/// `workers` threads sending through one shared agent, no database: messages per second.
-/// `ca`: the SSL_CERT_FILE an https `url` needs (the dispatcher's sender only).
-pub fn bare_loop(
-    url: &str,
-    ca: Option<&Path>,
-    workers: u32,
-    secs: f64,
-    sender: Sender,
-) -> Result<f64> {
+/// The daemon's configuration and sending code for `workers` threads sending to `url`
+/// (trusting the CA file `ca`, for https), as a bare loop uses them.
+pub fn webhook_for(url: &str, ca: Option<&Path>, workers: u32) -> Result<(Config, Arc<Webhook>)> {
     let mut vars: HashMap<String, String> = [
         ("WEBHOOK_URL", url.to_owned()),
         ("WORKER_COUNT", workers.to_string()),
@@ -508,6 +502,19 @@ pub fn bare_loop(
     let config = Config::from_vars(&vars).map_err(|e| e.to_string())?;
     let webhook_url = config.webhook_url.clone().ok_or("no WEBHOOK_URL")?;
     let webhook = Arc::new(Webhook::new(&config, &webhook_url)?);
+    Ok((config, webhook))
+}
+
+/// `workers` threads sending through one shared agent, no database: messages per second.
+/// `ca`: the SSL_CERT_FILE an https `url` needs (the dispatcher's sender only).
+pub fn bare_loop(
+    url: &str,
+    ca: Option<&Path>,
+    workers: u32,
+    secs: f64,
+    sender: Sender,
+) -> Result<f64> {
+    let (config, webhook) = webhook_for(url, ca, workers)?;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(config.webhook_timeout))
         .http_status_as_error(false)

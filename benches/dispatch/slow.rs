@@ -18,9 +18,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use message_dispatcher::config::Config;
 use message_dispatcher::message::{Claimed, Delivery};
-use message_dispatcher::webhook::Webhook;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 
@@ -593,16 +591,7 @@ fn raise_nofile(want: u64) -> Result<u64> {
 /// requests over the time of its last answer, so that neither the first round (connecting) nor
 /// the last (started before the end, answered after it) is counted by halves.
 fn bare_loop(url: &str, workers: u32, secs: f64) -> Result<f64> {
-    let vars: HashMap<String, String> = [
-        ("WEBHOOK_URL", url.to_owned()),
-        ("WORKER_COUNT", workers.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    let config = Config::from_vars(&vars).map_err(|e| e.to_string())?;
-    let webhook_url = config.webhook_url.clone().ok_or("no WEBHOOK_URL")?;
-    let webhook = Arc::new(Webhook::new(&config, &webhook_url)?);
+    let (_, webhook) = crate::webhook_for(url, None, workers)?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(secs);
     let threads: Vec<_> = (0..workers)
