@@ -868,9 +868,17 @@ fn deb_package_installs_configures_upgrades_and_purges() {
 
 /// docker-compose 1.29 (Debian 12's), or Compose v2 when that is what the machine has.
 fn compose_command() -> Vec<String> {
-    if exec("docker-compose", &["version"]).status.success() {
+    // (On a fresh machine there is no docker-compose at all: not an error, the setup installs it.)
+    let works = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .is_ok_and(|out| out.status.success())
+    };
+    if works("docker-compose", &["version"]) {
         vec!["docker-compose".into()]
-    } else if exec("docker", &["compose", "version"]).status.success() {
+    } else if works("docker", &["compose", "version"]) {
         vec!["docker".into(), "compose".into()]
     } else {
         let out = exec(setup_script().to_str().unwrap(), &["compose"]);
