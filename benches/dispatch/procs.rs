@@ -363,9 +363,8 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// The wrk load generator's requests/s against `url`, POSTing the dispatcher's request.
-pub fn wrk(work: &Workdir, url: &str, threads: u32, connections: u32, secs: u64) -> Result<f64> {
-    let binary = find("wrk").ok_or("wrk is not installed")?;
+/// A wrk script making every request a POST of the dispatcher's body and headers.
+pub fn wrk_script(work: &Workdir) -> Result<PathBuf> {
     let script = work.path("post.lua");
     fs::write(
         &script,
@@ -378,6 +377,13 @@ pub fn wrk(work: &Workdir, url: &str, threads: u32, connections: u32, secs: u64)
             crate::BODY
         ),
     )?;
+    Ok(script)
+}
+
+/// The wrk load generator's requests/s against `url`, POSTing the dispatcher's request.
+pub fn wrk(work: &Workdir, url: &str, threads: u32, connections: u32, secs: u64) -> Result<f64> {
+    let binary = find("wrk").ok_or("wrk is not installed")?;
+    let script = wrk_script(work)?;
     let out = Command::new(binary)
         .arg(format!("-t{threads}"))
         .arg(format!("-c{connections}"))

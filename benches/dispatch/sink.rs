@@ -111,17 +111,7 @@ pub fn phase(s: &Settings, work: &Workdir) -> Result<SinkLoad> {
     } else {
         (&[256], s.wrk_secs.min(1))
     };
-    let script = work.path("sink-post.lua");
-    fs::write(
-        &script,
-        format!(
-            "wrk.method = \"POST\"\n\
-             wrk.body = '{}'\n\
-             wrk.headers[\"Content-Type\"] = \"application/json\"\n\
-             wrk.headers[\"Idempotency-Key\"] = \"1\"\n",
-            crate::BODY
-        ),
-    )?;
+    let script = procs::wrk_script(work)?;
     let mut loads = Vec::new();
     for &c in connections {
         // A fresh sink per run, so one run's connections do not linger into the next.
