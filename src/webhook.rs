@@ -5,7 +5,7 @@
 //! `webhook-id` stable across attempts, signed as Standard Webhooks 1.0 when a secret is set.
 
 use std::path::Path;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -14,8 +14,11 @@ use sha2::Sha256;
 use ureq::http::Uri;
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
-use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
-use ureq::Agent;
+use ureq::unversioned::transport::{
+    ConnectProxyConnector, ConnectionDetails, Connector, NextTimeout, RustlsConnector,
+    ShutdownHandle, TcpConnector,
+};
+use ureq::{Agent, ProxyProtocol};
 use url::Url;
 
 use crate::backoff;
@@ -41,6 +44,32 @@ const OUTPUT_BUFFER: usize = 4 * 1024;
 const MAX_RESPONSE_HEADER: usize = 11 * 1024;
 /// How long a resolved webhook address is reused before the host name is looked up again.
 const RESOLVE_TTL: Duration = Duration::from_secs(5);
+
+/// A connector chain whose sockets are not registered for `Agent::shutdown` (never called
+/// here: a shutdown lets requests in flight finish). ureq keeps every registered socket in a
+/// list that each checkout and return of a pooled connection walks under the pool's one lock:
+/// at WORKER_COUNT=1024 that walk was the busiest code of the daemon and capped throughput.
+#[derive(Debug)]
+struct Unregistered<C>(C);
+
+impl<C: Connector> Connector for Unregistered<C> {
+    type Out = C::Out;
+
+    fn connect(
+        &self,
+        details: &ConnectionDetails,
+        chained: Option<()>,
+    ) -> Result<Option<Self::Out>, ureq::Error> {
+        let details = ConnectionDetails {
+            addrs: details.addrs.clone(),
+            current_time: details.current_time.clone(),
+            run_connector: details.run_connector.clone(),
+            register_shutdown: Arc::new(|_: Weak<dyn ShutdownHandle>| Ok(())),
+            ..*details
+        };
+        self.0.connect(&details, chained)
+    }
+}
 
 /// One request's result: what it means for the message, what it says about the receiver, and
 /// the answer's status code (None when no answer came).
@@ -105,11 +134,25 @@ impl Webhook {
             .user_agent(concat!("message-dispatcher/", env!("CARGO_PKG_VERSION")))
             .tls_config(TlsConfig::builder().root_certs(roots(config)?).build())
             .build();
-        let agent = Agent::with_parts(
-            agent_config,
-            DefaultConnector::default(),
-            CachingResolver::default(),
-        );
+        // ureq's default connector chains TLS in for every scheme, and its connect path then
+        // takes 12 KiB of each worker's stack (resident for good once touched: 8 MB at
+        // WORKER_COUNT=1024); an http webhook reached directly or through an http proxy
+        // (HTTP_PROXY and the like, which ureq reads) never needs it.
+        let needs_tls = url.scheme() == "https"
+            || agent_config
+                .proxy()
+                .is_some_and(|p| p.protocol() == ProxyProtocol::Https);
+        let plain = ().chain(ConnectProxyConnector::default()).chain(TcpConnector::default());
+        let agent = if needs_tls {
+            let tls = Unregistered(plain.chain(RustlsConnector::default()));
+            Agent::with_parts(agent_config, tls, CachingResolver::default())
+        } else {
+            Agent::with_parts(
+                agent_config,
+                Unregistered(plain),
+                CachingResolver::default(),
+            )
+        };
         Ok(Webhook {
             agent,
             url: url.clone(),
