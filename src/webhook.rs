@@ -5,7 +5,7 @@
 //! `webhook-id` stable across attempts, signed as Standard Webhooks 1.0 when a secret is set.
 
 use std::path::Path;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -15,7 +15,8 @@ use ureq::http::Uri;
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::{
-    ConnectProxyConnector, Connector, NextTimeout, RustlsConnector, TcpConnector,
+    ConnectProxyConnector, ConnectionDetails, Connector, NextTimeout, RustlsConnector,
+    ShutdownHandle, TcpConnector,
 };
 use ureq::{Agent, ProxyProtocol};
 use url::Url;
@@ -25,9 +26,6 @@ use crate::circuit::Health;
 use crate::config::Config;
 use crate::error::Error;
 use crate::message::{Claimed, Delivery};
-
-mod pool;
-use pool::Pooled;
 
 /// How much of a response body we read: enough for `{"messageId": …}` or an error text.
 const MAX_RESPONSE_BODY: u64 = 64 * 1024;
@@ -46,6 +44,32 @@ const OUTPUT_BUFFER: usize = 4 * 1024;
 const MAX_RESPONSE_HEADER: usize = 11 * 1024;
 /// How long a resolved webhook address is reused before the host name is looked up again.
 const RESOLVE_TTL: Duration = Duration::from_secs(5);
+
+/// A connector chain whose sockets are not registered for `Agent::shutdown` (never called
+/// here: a shutdown lets requests in flight finish). ureq keeps every registered socket in a
+/// list that each checkout and return of a pooled connection walks under the pool's one lock:
+/// at WORKER_COUNT=1024 that walk was the busiest code of the daemon and capped throughput.
+#[derive(Debug)]
+struct Unregistered<C>(C);
+
+impl<C: Connector> Connector for Unregistered<C> {
+    type Out = C::Out;
+
+    fn connect(
+        &self,
+        details: &ConnectionDetails,
+        chained: Option<()>,
+    ) -> Result<Option<Self::Out>, ureq::Error> {
+        let details = ConnectionDetails {
+            addrs: details.addrs.clone(),
+            current_time: details.current_time.clone(),
+            run_connector: details.run_connector.clone(),
+            register_shutdown: Arc::new(|_: Weak<dyn ShutdownHandle>| Ok(())),
+            ..*details
+        };
+        self.0.connect(&details, chained)
+    }
+}
 
 /// One request's result: what it means for the message, what it says about the receiver, and
 /// the answer's status code (None when no answer came).
@@ -105,9 +129,8 @@ impl Webhook {
             .input_buffer_size(INPUT_BUFFER)
             .output_buffer_size(OUTPUT_BUFFER)
             .max_response_header_size(MAX_RESPONSE_HEADER)
-            // Idle connections are kept by `Pooled` (src/webhook/pool.rs), not by ureq.
-            .max_idle_connections(0)
-            .max_idle_connections_per_host(0)
+            .max_idle_connections(config.worker_count as usize * 2)
+            .max_idle_connections_per_host(config.worker_count as usize * 2)
             .user_agent(concat!("message-dispatcher/", env!("CARGO_PKG_VERSION")))
             .tls_config(TlsConfig::builder().root_certs(roots(config)?).build())
             .build();
@@ -119,24 +142,21 @@ impl Webhook {
             || agent_config
                 .proxy()
                 .is_some_and(|p| p.protocol() == ProxyProtocol::Https);
-        let uri: Option<Uri> = url.as_str().parse().ok();
-        let idle = (
-            uri.as_ref(),
-            config.worker_count as usize * 2,
-            agent_config.max_idle_age(),
-        );
         let plain = ().chain(ConnectProxyConnector::default()).chain(TcpConnector::default());
         let agent = if needs_tls {
-            let tls = Pooled::new(plain.chain(RustlsConnector::default()), idle);
+            let tls = Unregistered(plain.chain(RustlsConnector::default()));
             Agent::with_parts(agent_config, tls, CachingResolver::default())
         } else {
-            let plain = Pooled::new(plain, idle);
-            Agent::with_parts(agent_config, plain, CachingResolver::default())
+            Agent::with_parts(
+                agent_config,
+                Unregistered(plain),
+                CachingResolver::default(),
+            )
         };
         Ok(Webhook {
             agent,
             url: url.clone(),
-            uri,
+            uri: url.as_str().parse().ok(),
             secret: config.webhook_secret.clone(),
             max_attempts: config.max_attempts,
             retry_base: config.retry_base_delay,
