@@ -48,7 +48,7 @@ const RESOLVE_TTL: Duration = Duration::from_secs(5);
 /// A connector chain whose sockets are not registered for `Agent::shutdown` (never called
 /// here: a shutdown lets requests in flight finish). ureq keeps every registered socket in a
 /// list that each checkout and return of a pooled connection walks under the pool's one lock:
-/// at WORKER_COUNT=1024 that walk was the busiest code of the daemon and capped throughput.
+/// at WORKER_COUNT=1024 that walk was the daemon's busiest code in a profile.
 #[derive(Debug)]
 struct Unregistered<C>(C);
 
