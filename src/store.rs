@@ -39,6 +39,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0006_history_without_foreign_key",
         include_str!("../sql/0006_history_without_foreign_key.sql"),
     ),
+    (
+        "0007_expiry_scan_in_expiry_order",
+        include_str!("../sql/0007_expiry_scan_in_expiry_order.sql"),
+    ),
 ];
 
 /// Serialises migrations across instances starting at the same time (a session-level
@@ -92,13 +96,9 @@ WITH fence AS (
     " || ' before it could be sent'
                      || COALESCE(' (last error: ' || m.last_error || ')', ''),
         updated_at = now()
-    FROM (
-        SELECT id FROM messages
-        WHERE status = 'pending' AND expires_at <= now() AND EXISTS (SELECT 1 FROM fence)
-        ORDER BY expires_at
-        LIMIT $4
-        FOR UPDATE SKIP LOCKED
-    ) AS past
+    -- (sql/0007: the function keeps the plan on messages_expiry_idx; fenced, it looks at none.)
+    FROM messages_past_expiry(CASE WHEN EXISTS (SELECT 1 FROM fence) THEN $4::bigint ELSE 0 END)
+         AS past(id)
     WHERE m.id = past.id
     RETURNING m.id
 ), due AS (

@@ -639,3 +639,79 @@ fn a_message_that_expires_while_waiting_for_a_worker_is_not_sent() {
     let batch = &daemon.log_lines("Message batch processed")[0];
     assert_eq!((&batch["sent"], &batch["expired"]), (&1.into(), &1.into()));
 }
+
+/// Pages read (shared buffers hit or read) by `query`: its top node's figures from EXPLAIN
+/// (ANALYZE, BUFFERS).
+fn pages_read(c: &mut postgres::Client, query: &str) -> u64 {
+    let plan = c
+        .query(&format!("EXPLAIN (ANALYZE, BUFFERS) {query}"), &[])
+        .unwrap();
+    let top = plan
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .find(|line| line.trim_start().starts_with("Buffers:"))
+        .unwrap_or_else(|| panic!("no Buffers line in the plan of {query}"));
+    let figure = |what: &str| -> u64 {
+        top.split_whitespace()
+            .find_map(|w| w.strip_prefix(what))
+            .map_or(0, |n| n.trim_end_matches(',').parse().unwrap())
+    };
+    figure("hit=") + figure("read=")
+}
+
+#[test]
+fn the_claims_expiry_search_stays_on_its_index_whatever_the_statistics_say() {
+    // Statistics taken while nothing was pending (sent rows, ANALYZEd), then a backlog: the
+    // planner believes no row is pending. Autovacuum is off so that it cannot fix them midway.
+    let db = TestDb::migrated();
+    let mut c = db.client();
+    for statement in [
+        "ALTER TABLE messages SET (autovacuum_enabled = false)",
+        "INSERT INTO messages (recipient, content, status, sent_at)
+         SELECT '+90555' || g, 'sent ' || g, 'sent', now() FROM generate_series(1, 30000) g",
+        "VACUUM ANALYZE messages",
+        "INSERT INTO messages (recipient, content)
+         SELECT '+90555' || g, 'due ' || g FROM generate_series(1, 20000) g",
+    ] {
+        c.batch_execute(statement).unwrap();
+    }
+    // The same search written inline walks every pending row (what each claim did before
+    // sql/0007): this is the situation the function is for.
+    let inline = pages_read(
+        &mut c,
+        "SELECT id FROM messages WHERE status = 'pending' AND expires_at <= now()
+         ORDER BY expires_at LIMIT 1000 FOR UPDATE SKIP LOCKED",
+    );
+    let function = pages_read(&mut c, "SELECT * FROM messages_past_expiry(1000)");
+    assert!(
+        inline > 100,
+        "the inline search read only {inline} pages: the planner no longer errs here"
+    );
+    assert!(
+        function < 20,
+        "the claim's expiry search read {function} pages with nothing expired (inline: {inline})"
+    );
+    // And it still finds what expired, oldest expiry first, and only pending rows.
+    c.batch_execute(
+        "UPDATE messages SET expires_at = now() - (id % 7) * interval '1 minute'
+         WHERE id % 1000 = 0;
+         UPDATE messages SET expires_at = now() - interval '1 hour'
+         WHERE status = 'sent' AND id % 1000 = 1",
+    )
+    .unwrap();
+    let found: Vec<(i64, f64)> = c
+        .query(
+            "SELECT p.id, extract(epoch FROM m.expires_at)::float8
+             FROM messages_past_expiry(100) WITH ORDINALITY AS p(id, n)
+             JOIN messages m ON m.id = p.id AND m.status = 'pending'
+             ORDER BY p.n",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    // The 20 pending rows among ids 30,001 to 50,000 with id % 1000 = 0; no sent row.
+    assert_eq!(found.len(), 20, "{found:?}");
+    assert!(found.windows(2).all(|w| w[0].1 <= w[1].1), "{found:?}");
+}
