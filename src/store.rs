@@ -40,8 +40,8 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../sql/0006_history_without_foreign_key.sql"),
     ),
     (
-        "0007_expiry_scan_in_expiry_order",
-        include_str!("../sql/0007_expiry_scan_in_expiry_order.sql"),
+        "0007_pending_searches_in_index_order",
+        include_str!("../sql/0007_pending_searches_in_index_order.sql"),
     ),
 ];
 
@@ -614,15 +614,15 @@ impl Store {
         let secs: Option<f64> = self.with(|c| {
             c.client
                 .query_one(
+                    // (sql/0007: the function reads the first entry of each index.)
                     "SELECT EXTRACT(EPOCH FROM (LEAST(
-                         (SELECT min(next_attempt_at) FROM messages WHERE status = 'pending'),
-                         (SELECT min(expires_at) FROM messages
-                          WHERE status = 'pending' AND expires_at IS NOT NULL
-                            AND isfinite(expires_at)),
+                         pending.next_attempt_at,
+                         pending.expires_at,
                          (SELECT min(claimed_at) FROM messages
                           WHERE status = 'sending' AND NOT (id = ANY($2::bigint[])))
                            + $1::bigint * interval '1 millisecond'
-                     ) - now()))::float8",
+                     ) - now()))::float8
+                     FROM messages_next_pending() AS pending",
                     &[&ms, &held],
                 )
                 .map(|r| r.get(0))

@@ -660,7 +660,8 @@ fn pages_read(c: &mut postgres::Client, query: &str) -> u64 {
 }
 
 #[test]
-fn the_claims_expiry_search_stays_on_its_index_whatever_the_statistics_say() {
+fn the_searches_for_expired_and_next_due_messages_stay_on_their_indexes_whatever_the_statistics_say(
+) {
     // Statistics taken while nothing was pending (sent rows, ANALYZEd), then a backlog: the
     // planner believes no row is pending. Autovacuum is off so that it cannot fix them midway.
     let db = TestDb::migrated();
@@ -691,6 +692,20 @@ fn the_claims_expiry_search_stays_on_its_index_whatever_the_statistics_say() {
         function < 20,
         "the claim's expiry search read {function} pages with nothing expired (inline: {inline})"
     );
+    // The idle scheduler's look at when the next pending message falls due or expires: min()
+    // walks every pending row here; the function reads the first entry of each index.
+    let inline = pages_read(
+        &mut c,
+        "SELECT (SELECT min(next_attempt_at) FROM messages WHERE status = 'pending'),
+                (SELECT min(expires_at) FROM messages
+                 WHERE status = 'pending' AND expires_at IS NOT NULL AND isfinite(expires_at))",
+    );
+    let function = pages_read(&mut c, "SELECT * FROM messages_next_pending()");
+    assert!(inline > 100, "min() read only {inline} pages");
+    assert!(
+        function < 20,
+        "the next-due look read {function} pages (min(): {inline})"
+    );
     // And it still finds what expired, oldest expiry first, and only pending rows.
     c.batch_execute(
         "UPDATE messages SET expires_at = now() - (id % 7) * interval '1 minute'
@@ -714,4 +729,20 @@ fn the_claims_expiry_search_stays_on_its_index_whatever_the_statistics_say() {
     // The 20 pending rows among ids 30,001 to 50,000 with id % 1000 = 0; no sent row.
     assert_eq!(found.len(), 20, "{found:?}");
     assert!(found.windows(2).all(|w| w[0].1 <= w[1].1), "{found:?}");
+    let (next, expiry, next_min, expiry_min): (f64, f64, f64, f64) = {
+        let r = c
+            .query_one(
+                "SELECT extract(epoch FROM n.next_attempt_at)::float8,
+                        extract(epoch FROM n.expires_at)::float8,
+                        (SELECT extract(epoch FROM min(next_attempt_at))::float8
+                         FROM messages WHERE status = 'pending'),
+                        (SELECT extract(epoch FROM min(expires_at))::float8
+                         FROM messages WHERE status = 'pending')
+                 FROM messages_next_pending() AS n",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2), r.get(3))
+    };
+    assert_eq!((next, expiry), (next_min, expiry_min));
 }
