@@ -714,21 +714,25 @@ fn the_searches_for_expired_and_next_due_messages_stay_on_their_indexes_whatever
          WHERE status = 'sent' AND id % 1000 = 1",
     )
     .unwrap();
-    let found: Vec<(i64, f64)> = c
+    let found: Vec<(i64, String, f64)> = c
         .query(
-            "SELECT p.id, extract(epoch FROM m.expires_at)::float8
+            "SELECT p.id, m.status, extract(epoch FROM m.expires_at)::float8
              FROM messages_past_expiry(100) WITH ORDINALITY AS p(id, n)
-             JOIN messages m ON m.id = p.id AND m.status = 'pending'
+             JOIN messages m ON m.id = p.id
              ORDER BY p.n",
             &[],
         )
         .unwrap()
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     // The 20 pending rows among ids 30,001 to 50,000 with id % 1000 = 0; no sent row.
     assert_eq!(found.len(), 20, "{found:?}");
-    assert!(found.windows(2).all(|w| w[0].1 <= w[1].1), "{found:?}");
+    assert!(
+        found.iter().all(|(_, status, _)| status == "pending"),
+        "{found:?}"
+    );
+    assert!(found.windows(2).all(|w| w[0].2 <= w[1].2), "{found:?}");
     let (next, expiry, next_min, expiry_min): (f64, f64, f64, f64) = {
         let r = c
             .query_one(
