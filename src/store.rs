@@ -43,6 +43,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0007_pending_searches_in_index_order",
         include_str!("../sql/0007_pending_searches_in_index_order.sql"),
     ),
+    (
+        "0008_due_search_in_index_order",
+        include_str!("../sql/0008_due_search_in_index_order.sql"),
+    ),
 ];
 
 /// Serialises migrations across instances starting at the same time (a session-level
@@ -97,23 +101,22 @@ WITH fence AS (
                      || COALESCE(' (last error: ' || m.last_error || ')', ''),
         updated_at = now()
     -- (sql/0007: the function keeps the plan on messages_expiry_idx; fenced, it looks at none.)
-    FROM messages_past_expiry(CASE WHEN EXISTS (SELECT 1 FROM fence) THEN $4::bigint ELSE 0 END)
-         AS past(id)
-    WHERE m.id = past.id
+    -- `= ANY (ARRAY(…))` rather than a join: found by primary key, however small the table
+    -- looks to the planner (a join is planned as a hash of the whole table when it is small).
+    WHERE m.id = ANY (ARRAY(
+        SELECT past.id
+        FROM messages_past_expiry(CASE WHEN EXISTS (SELECT 1 FROM fence) THEN $4::bigint ELSE 0 END)
+             AS past(id)))
     RETURNING m.id
-), due AS (
-    SELECT id FROM messages
-    WHERE status = 'pending' AND next_attempt_at <= now()
-      AND (expires_at IS NULL OR expires_at > now())
-      AND EXISTS (SELECT 1 FROM fence)
-    ORDER BY next_attempt_at, id
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE messages AS m
     SET status = 'sending', attempts = m.attempts + 1,
         claimed_epoch = $2, claimed_by = $3, claimed_at = now(), updated_at = now()
-    FROM due WHERE m.id = due.id
+    -- (sql/0008: the due messages in index order, locked; fenced, none.)
+    WHERE m.id = ANY (ARRAY(
+        SELECT due.id
+        FROM messages_due(CASE WHEN EXISTS (SELECT 1 FROM fence) THEN $1::bigint ELSE 0 END)
+             AS due(id)))
     RETURNING m.id, m.recipient, m.content, m.attempts, m.attempts - m.attempts_free AS charged,
               CASE WHEN isfinite(m.expires_at)
                    THEN EXTRACT(EPOCH FROM m.expires_at - now())::float8 END AS expires_in

@@ -642,7 +642,7 @@ fn a_message_that_expires_while_waiting_for_a_worker_is_not_sent() {
 
 /// Pages read (shared buffers hit or read) by `query`: its top node's figures from EXPLAIN
 /// (ANALYZE, BUFFERS).
-fn pages_read(c: &mut postgres::Client, query: &str) -> u64 {
+fn pages_read(c: &mut impl postgres::GenericClient, query: &str) -> u64 {
     let plan = c
         .query(&format!("EXPLAIN (ANALYZE, BUFFERS) {query}"), &[])
         .unwrap();
@@ -657,6 +657,62 @@ fn pages_read(c: &mut postgres::Client, query: &str) -> u64 {
             .map_or(0, |n| n.trim_end_matches(',').parse().unwrap())
     };
     figure("hit=") + figure("read=")
+}
+
+#[test]
+fn a_claim_finds_the_rows_it_changes_by_primary_key_however_small_the_table_looks() {
+    // A fresh table, as in a first drain: 40,000 pending rows, 5 of them past their expiry, no
+    // statistics yet. Inline, the search for due messages read every pending row and sorted
+    // them (its filter on expires_at looks selective), and both changes, joined to their ids,
+    // hashed the whole table: each claim read the table twice over, growing with it.
+    let db = TestDb::migrated();
+    let mut c = db.client();
+    for statement in [
+        "ALTER TABLE messages SET (autovacuum_enabled = false)",
+        "INSERT INTO messages (recipient, content, expires_at)
+         SELECT '+90555' || g, 'due ' || g,
+                CASE WHEN g % 8000 = 0 THEN now() - interval '1 minute' END
+         FROM generate_series(1, 40000) g",
+    ] {
+        c.batch_execute(statement).unwrap();
+    }
+    let heap_pages: i64 = c
+        .query_one(
+            "SELECT pg_relation_size('messages') / current_setting('block_size')::bigint",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute(&format!(
+        "PREPARE claim (bigint, bigint, text, bigint) AS {}",
+        message_dispatcher::store::CLAIM
+    ))
+    .unwrap();
+    // The second claim is measured: the first also fills this session's catalog caches.
+    tx.batch_execute("SAVEPOINT first; EXECUTE claim(10, NULL, 'test', 1000); ROLLBACK TO first")
+        .unwrap();
+    let pages = pages_read(&mut tx, "EXECUTE claim(10, NULL, 'test', 1000)");
+    let (claimed, expired): (i64, i64) = {
+        let r = tx
+            .query_one(
+                "SELECT count(*) FILTER (WHERE status = 'sending'),
+                        count(*) FILTER (WHERE status = 'expired')
+                 FROM messages",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    tx.rollback().unwrap();
+    assert_eq!((claimed, expired), (10, 5));
+    // Each changed row costs about ten pages (its heap page, its index entries); the table has
+    // 550 (before sql/0008 and the primary-key lookups: 1,461).
+    assert!(heap_pages > 500, "the table has only {heap_pages} pages");
+    assert!(
+        pages < heap_pages as u64 / 2,
+        "a claim of 10 with 5 expired read {pages} pages of a {heap_pages}-page table"
+    );
 }
 
 #[test]
