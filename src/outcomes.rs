@@ -28,6 +28,9 @@ pub struct Outcomes {
     metrics: Arc<Metrics>,
     /// Messages recorded `expired` by the current flush, by why (see [`ExpiredWhy`]).
     expired: [u64; 3],
+    /// A write of buffered outcomes failed without an answer: it may have committed, so the
+    /// next writes must not add their history twice. Until the buffer has been written.
+    maybe_written: bool,
 }
 
 /// Why a recorded outcome ended `expired`.
@@ -86,6 +89,7 @@ impl Outcomes {
             next_batch: 1,
             metrics,
             expired: [0; 3],
+            maybe_written: false,
         }
     }
 
@@ -153,7 +157,7 @@ impl Outcomes {
             let rows = outcomes
                 .iter()
                 .map(|o| (o.id, &o.delivery, o.attempt.as_ref()));
-            let result = match store.record(epoch, rows) {
+            let result = match store.record(epoch, rows, self.maybe_written) {
                 Ok(recorded) => {
                     self.recorded(epoch, recorded, outcomes, &mut due);
                     Ok(())
@@ -167,6 +171,7 @@ impl Outcomes {
                 }
                 Err(e) => {
                     self.buffered.extend(outcomes);
+                    self.maybe_written = true;
                     Err(e)
                 }
             };
@@ -177,6 +182,7 @@ impl Outcomes {
             Some(e) => Err(e),
             None => {
                 self.since = None;
+                self.maybe_written = false;
                 Ok(due)
             }
         }
@@ -232,6 +238,7 @@ impl Outcomes {
                 Err(e) => {
                     self.buffered.push(outcome);
                     self.buffered.extend(outcomes);
+                    self.maybe_written = true;
                     return Err(e);
                 }
             };
@@ -251,9 +258,11 @@ impl Outcomes {
         outcome: &Outcome,
     ) -> Result<bool, Error> {
         let attempt = outcome.attempt.as_ref();
+        let again = self.maybe_written;
         let refused = match store.record(
             epoch,
             std::iter::once((outcome.id, &outcome.delivery, attempt)),
+            again,
         ) {
             Ok(recorded) => return Ok(!recorded.expired.is_empty()),
             Err(e) if e.is_data_error() => e,
@@ -264,7 +273,9 @@ impl Outcomes {
             id = outcome.id, error = refused.to_string().as_str();
             "Outcome cannot be stored as received; storing it without the receiver's text"
         );
-        match store.record(epoch, std::iter::once((outcome.id, &plain, attempt))) {
+        // Skipping history rows already there as well: should a duplicate be what PostgreSQL
+        // refused, the outcome is still written.
+        match store.record(epoch, std::iter::once((outcome.id, &plain, attempt)), true) {
             Ok(recorded) => Ok(!recorded.expired.is_empty()),
             Err(e) if e.is_data_error() => {
                 // Nothing we add is left to remove: leave the row to crash recovery (which takes

@@ -213,6 +213,7 @@ fn claim_and_record_apply_the_expiry_rules() {
                 .map(|(id, d)| (*id, d, requested(d).then_some(&attempt)))
                 .collect::<Vec<_>>()
                 .into_iter(),
+            false,
         )
         .unwrap();
     assert_eq!(recorded.written, 7);

@@ -442,7 +442,7 @@ fn the_daemons_statements_satisfy_the_constraints() {
     assert_eq!(db.count("sending"), 4);
     let attempts = attempts_of(&claimed);
     let recorded = a
-        .record(None, rows(&claimed, &outcomes, &attempts))
+        .record(None, rows(&claimed, &outcomes, &attempts), false)
         .unwrap()
         .written;
     assert_eq!(recorded, 4);
@@ -458,7 +458,7 @@ fn the_daemons_statements_satisfy_the_constraints() {
     assert_eq!(claimed.len(), 4);
     let attempts = attempts_of(&claimed);
     let recorded = a
-        .record(Some(epoch), rows(&claimed, &outcomes, &attempts))
+        .record(Some(epoch), rows(&claimed, &outcomes, &attempts), false)
         .unwrap()
         .written;
     assert_eq!(recorded, 4);
@@ -508,7 +508,7 @@ fn deleting_or_truncating_messages_deletes_their_history() {
         .collect();
     let attempts = attempts_of(&claimed);
     store
-        .record(None, rows(&claimed, &outcomes, &attempts))
+        .record(None, rows(&claimed, &outcomes, &attempts), false)
         .unwrap();
     let history = |c: &mut postgres::Client| -> i64 {
         c.query_one("SELECT count(*) FROM message_attempts", &[])
@@ -531,6 +531,46 @@ fn deleting_or_truncating_messages_deletes_their_history() {
     assert_eq!(left, 4, "and only theirs");
     c.batch_execute("TRUNCATE messages").unwrap();
     assert_eq!(history(&mut c), 0, "TRUNCATE takes all of it");
+}
+
+/// A write whose answer was lost (the connection broke) may have committed: written again, its
+/// outcomes change nothing more and their history is not added twice. Only a write made
+/// `again` skips history rows already there; a first write has no reason to look.
+#[test]
+fn an_outcome_write_made_again_adds_no_history_twice() {
+    install_crypto_provider();
+    let db = TestDb::migrated();
+    let mut store = Store::new(Postgres::new(&db.url, None).unwrap(), "again");
+    db.insert(3);
+    let claimed = store.claim(3, None).unwrap().messages;
+    let outcomes: Vec<Delivery> = claimed
+        .iter()
+        .map(|_| Delivery::Sent {
+            remote_id: Some("r".into()),
+        })
+        .collect();
+    let attempts = attempts_of(&claimed);
+    let history = |db: &TestDb| -> i64 {
+        db.client()
+            .query_one("SELECT count(*) FROM message_attempts", &[])
+            .unwrap()
+            .get(0)
+    };
+    let first = store
+        .record(None, rows(&claimed, &outcomes, &attempts), false)
+        .unwrap();
+    assert_eq!((first.written, db.count("sent"), history(&db)), (3, 3, 3));
+
+    let again = store
+        .record(None, rows(&claimed, &outcomes, &attempts), true)
+        .unwrap();
+    assert_eq!((again.written, db.count("sent"), history(&db)), (0, 3, 3));
+
+    let refused = store
+        .record(None, rows(&claimed, &outcomes, &attempts), false)
+        .unwrap_err();
+    assert!(refused.is_data_error(), "{refused}");
+    assert_eq!(history(&db), 3);
 }
 
 /// A lease deadline a few seconds ahead, for statements that need one.
