@@ -149,6 +149,12 @@ impl Results<'_> {
             best.rate / self.bare,
             verdict(ratio.map(|r| r >= 0.35))
         ));
+        line(&format!(
+            "| … against issue #14's target for the backlog | {}{:.2}× the bare loop | ≥ 0.45× wrk and ≥ 0.7× the bare loop | {} |",
+            ratio.map_or(String::new(), |r| format!("{r:.2}× wrk, ")),
+            best.rate / self.bare,
+            verdict(ratio.map(|r| r >= 0.45 && best.rate / self.bare >= 0.7))
+        ));
         let rss_mb = best.peak_rss_kb as f64 * 1024.0 / 1e6;
         line(&format!(
             "| peak RSS of the dispatcher (VmHWM after the drain) | {rss_mb:.1} MB | < 20 MB | {} |",
