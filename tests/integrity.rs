@@ -502,25 +502,20 @@ fn deleting_or_truncating_messages_deletes_their_history() {
     let mut store = Store::new(Postgres::new(&db.url, None).unwrap(), "history");
     db.insert(6);
     let claimed = store.claim(6, None).unwrap().messages;
-    let outcomes: Vec<Delivery> = claimed
-        .iter()
-        .map(|_| Delivery::Sent { remote_id: None })
-        .collect();
-    let attempts = attempts_of(&claimed);
+    let (outcomes, attempts) = all_sent(&claimed);
     store
         .record(None, rows(&claimed, &outcomes, &attempts), false)
         .unwrap();
-    let history = |c: &mut postgres::Client| -> i64 {
-        c.query_one("SELECT count(*) FROM message_attempts", &[])
-            .unwrap()
-            .get(0)
-    };
     let mut c = db.client();
-    assert_eq!(history(&mut c), 6);
+    assert_eq!(history_rows(&mut c), 6);
     let ids: Vec<i64> = claimed.iter().map(|m| m.id).collect();
     c.execute("DELETE FROM messages WHERE id = ANY($1)", &[&&ids[..2]])
         .unwrap();
-    assert_eq!(history(&mut c), 4, "a DELETE takes the history of its rows");
+    assert_eq!(
+        history_rows(&mut c),
+        4,
+        "a DELETE takes the history of its rows"
+    );
     let left: i64 = c
         .query_one(
             "SELECT count(*) FROM message_attempts WHERE message_id = ANY($1)",
@@ -530,7 +525,7 @@ fn deleting_or_truncating_messages_deletes_their_history() {
         .get(0);
     assert_eq!(left, 4, "and only theirs");
     c.batch_execute("TRUNCATE messages").unwrap();
-    assert_eq!(history(&mut c), 0, "TRUNCATE takes all of it");
+    assert_eq!(history_rows(&mut c), 0, "TRUNCATE takes all of it");
 }
 
 /// A write whose answer was lost (the connection broke) may have committed: written again, its
@@ -543,34 +538,33 @@ fn an_outcome_write_made_again_adds_no_history_twice() {
     let mut store = Store::new(Postgres::new(&db.url, None).unwrap(), "again");
     db.insert(3);
     let claimed = store.claim(3, None).unwrap().messages;
-    let outcomes: Vec<Delivery> = claimed
+    let (outcomes, attempts) = all_sent(&claimed);
+    let mut write = |again| store.record(None, rows(&claimed, &outcomes, &attempts), again);
+    let state = || (db.count("sent"), history_rows(&mut db.client()));
+    assert_eq!(write(false).unwrap().written, 3);
+    assert_eq!(state(), (3, 3));
+    assert_eq!(write(true).unwrap().written, 0, "nothing left to write");
+    assert_eq!(state(), (3, 3), "and no history twice");
+    let refused = write(false).unwrap_err();
+    assert!(refused.is_data_error(), "{refused}");
+    assert_eq!(state(), (3, 3));
+}
+
+/// Every claimed message sent, after one request each.
+fn all_sent(claimed: &[Claimed]) -> (Vec<Delivery>, Vec<Attempt>) {
+    let sent = claimed
         .iter()
         .map(|_| Delivery::Sent {
-            remote_id: Some("r".into()),
+            remote_id: Some("remote".into()),
         })
         .collect();
-    let attempts = attempts_of(&claimed);
-    let history = |db: &TestDb| -> i64 {
-        db.client()
-            .query_one("SELECT count(*) FROM message_attempts", &[])
-            .unwrap()
-            .get(0)
-    };
-    let first = store
-        .record(None, rows(&claimed, &outcomes, &attempts), false)
-        .unwrap();
-    assert_eq!((first.written, db.count("sent"), history(&db)), (3, 3, 3));
+    (sent, attempts_of(claimed))
+}
 
-    let again = store
-        .record(None, rows(&claimed, &outcomes, &attempts), true)
-        .unwrap();
-    assert_eq!((again.written, db.count("sent"), history(&db)), (0, 3, 3));
-
-    let refused = store
-        .record(None, rows(&claimed, &outcomes, &attempts), false)
-        .unwrap_err();
-    assert!(refused.is_data_error(), "{refused}");
-    assert_eq!(history(&db), 3);
+fn history_rows(c: &mut postgres::Client) -> i64 {
+    c.query_one("SELECT count(*) FROM message_attempts", &[])
+        .unwrap()
+        .get(0)
 }
 
 /// A lease deadline a few seconds ahead, for statements that need one.
