@@ -33,6 +33,7 @@ mod reference;
 mod report;
 mod sink;
 mod slow;
+mod statements;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -117,7 +118,7 @@ pub struct Settings {
     pub nginx: Option<bool>,
     pub out: Option<std::path::PathBuf>,
     pub admin_url: String,
-    /// BENCH_ONLY: the phases to run (wrk, bare, drain, big, reference, https, sink, slow,
+    /// BENCH_ONLY: the phases to run (wrk, bare, drain, big, reference, statements, https, sink, slow,
     /// latency);
     /// no report then.
     pub only: Option<Vec<String>>,
@@ -339,6 +340,11 @@ fn run(s: &Settings, work: &Workdir) -> Result<()> {
         bare: Some(bare).filter(|b| !b.is_nan()),
         drain: best_drain,
     };
+    let statements = if s.wants("statements") {
+        Some(statements::phase(s, best, s.reference.as_deref())?)
+    } else {
+        None
+    };
     let https = https::phase(s, work, &sink, certs, &plain)?;
     let sink_load = sink::phase(s, work)?;
     let slow = if s.wants("slow") {
@@ -376,6 +382,7 @@ fn run(s: &Settings, work: &Workdir) -> Result<()> {
         latency,
         idle,
         comparison,
+        statements,
         https,
         sink: sink_load,
         slow,

@@ -15,6 +15,13 @@ use crate::{drain, say, Drain, Result, Settings, Variant};
 /// `cargo bench` without BENCH_REFERENCE compares with this commit ("before the history").
 pub const DEFAULT_REVISION: &str = "5cc60f8";
 
+/// Where [`build`] unpacked the source of `commit`.
+pub fn source(commit: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/bench-reference")
+        .join(commit)
+}
+
 /// A release binary of `message-dispatcher` at `revision`, built (once; kept under
 /// target/bench-reference/) from `git archive` of that commit, so nothing in the checkout changes.
 pub fn build(revision: &str) -> Result<(String, PathBuf)> {
@@ -33,7 +40,7 @@ pub fn build(revision: &str) -> Result<(String, PathBuf)> {
     }
     let commit = String::from_utf8_lossy(&resolved.stdout).trim().to_owned();
     let root = repo.join("target/bench-reference");
-    let source = root.join(&commit);
+    let source = source(&commit);
     let binary = root.join("target/release/message-dispatcher");
     let stamp = root.join("target/release/message-dispatcher.commit");
     if std::fs::read_to_string(&stamp).is_ok_and(|s| s == commit) && binary.exists() {

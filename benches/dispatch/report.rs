@@ -24,6 +24,7 @@ pub struct Results<'a> {
     pub latency: Latency,
     pub idle: Idle,
     pub comparison: Option<Comparison>,
+    pub statements: Option<crate::statements::Statements>,
     pub https: crate::https::HttpsPhase,
     pub sink: crate::sink::SinkLoad,
     pub slow: Vec<crate::slow::SlowRun>,
@@ -233,6 +234,9 @@ impl Results<'_> {
                 thousands(reference::mean(&c.limited)),
                 c.limiter_change()
             ));
+        }
+        if let Some(st) = &self.statements {
+            line(&crate::statements::row(st));
         }
         for row in crate::https::rows(&self.https, s) {
             line(&row);
