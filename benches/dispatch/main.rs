@@ -118,9 +118,8 @@ pub struct Settings {
     pub nginx: Option<bool>,
     pub out: Option<std::path::PathBuf>,
     pub admin_url: String,
-    /// BENCH_ONLY: the phases to run (wrk, bare, drain, big, reference, statements, https, sink, slow,
-    /// latency);
-    /// no report then.
+    /// BENCH_ONLY: the phases to run (wrk, bare, drain, big, reference, statements, https, sink,
+    /// slow, latency); no report then.
     pub only: Option<Vec<String>>,
     /// BENCH_REFERENCE: the commit whose build the `reference` phase drains beside this one
     /// (`none` skips it); the full run's default is [`reference::DEFAULT_REVISION`].
