@@ -34,10 +34,11 @@ pub struct Statements {
     pub reference: std::result::Result<(String, f64), String>,
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
+/// Whose statements a loop runs.
+#[derive(Clone, Copy)]
+enum Kind<'a> {
     Current { history: bool },
-    Reference,
+    Reference(&'a ReferenceSql),
 }
 
 /// The reference build's claim and outcome statements, read from its source.
@@ -59,31 +60,11 @@ pub fn phase(s: &Settings, batch_size: u32, revision: Option<&str>) -> Result<St
     let mut without_history = Vec::new();
     let mut before = Vec::new();
     for round in 1..=rounds {
-        current.push(loop_cost(
-            s,
-            batch_size,
-            messages,
-            Kind::Current { history: true },
-            None,
-            round,
-        )?);
-        without_history.push(loop_cost(
-            s,
-            batch_size,
-            messages,
-            Kind::Current { history: false },
-            None,
-            round,
-        )?);
+        let cost = |kind| loop_cost(s, batch_size, messages, kind, round);
+        current.push(cost(Kind::Current { history: true })?);
+        without_history.push(cost(Kind::Current { history: false })?);
         if let Ok(r) = &reference {
-            before.push(loop_cost(
-                s,
-                batch_size,
-                messages,
-                Kind::Reference,
-                Some(r),
-                round,
-            )?);
+            before.push(cost(Kind::Reference(r))?);
         }
         say(&format!(
             "statements round {round}: this build {:.1} µs a message, without history {:.1}{}",
@@ -140,26 +121,26 @@ fn loop_cost(
     batch_size: u32,
     messages: i32,
     kind: Kind,
-    reference: Option<&ReferenceSql>,
     round: usize,
 ) -> Result<f64> {
-    let binary = reference.map_or(Path::new(DISPATCHER), |r| r.binary.as_path());
-    let tag = match kind {
-        Kind::Current { history: true } => "stmt-cur",
-        Kind::Current { history: false } => "stmt-nohist",
-        Kind::Reference => "stmt-ref",
+    let (tag, binary, claim_sql, record_sql) = match kind {
+        Kind::Current { history } => (
+            if history { "stmt-cur" } else { "stmt-nohist" },
+            Path::new(DISPATCHER),
+            message_dispatcher::store::CLAIM,
+            message_dispatcher::store::RECORD,
+        ),
+        Kind::Reference(r) => (
+            "stmt-ref",
+            r.binary.as_path(),
+            r.claim.as_str(),
+            r.record.as_str(),
+        ),
     };
     let db = BenchDb::create(&s.admin_url, &format!("{tag}-{round}"), binary)?;
     let mut c = db.client()?;
     c.execute(INSERT_BACKLOG, &[&messages])?;
     let backend: i32 = c.query_one("SELECT pg_backend_pid()", &[])?.get(0);
-    let (claim_sql, record_sql) = match reference {
-        Some(r) => (r.claim.as_str(), r.record.as_str()),
-        None => (
-            message_dispatcher::store::CLAIM,
-            message_dispatcher::store::RECORD,
-        ),
-    };
     let claim = c.prepare(claim_sql)?;
     let record = c.prepare(record_sql)?;
     let limit = i64::from(batch_size);
@@ -169,15 +150,18 @@ fn loop_cost(
     let before = cpu_ticks(backend as u32)?;
     let mut done = 0;
     loop {
-        let ids: Vec<i64> = if kind == Kind::Reference {
-            let rows = c.query(&claim, &[&limit, &epoch, &instance])?;
-            rows.iter().map(|r| r.get(0)).collect()
-        } else {
-            let rows = c.query(&claim, &[&limit, &epoch, &instance, &expire_limit])?;
-            rows.iter()
-                .filter(|r| r.get::<_, bool>(0))
-                .map(|r| r.get(1))
-                .collect()
+        let ids: Vec<i64> = match kind {
+            Kind::Reference(_) => {
+                let rows = c.query(&claim, &[&limit, &epoch, &instance])?;
+                rows.iter().map(|r| r.get(0)).collect()
+            }
+            Kind::Current { .. } => {
+                let rows = c.query(&claim, &[&limit, &epoch, &instance, &expire_limit])?;
+                rows.iter()
+                    .filter(|r| r.get::<_, bool>(0))
+                    .map(|r| r.get(1))
+                    .collect()
+            }
         };
         if ids.is_empty() {
             break;
@@ -189,14 +173,14 @@ fn loop_cost(
         let no_text: Vec<Option<String>> = vec![None; n];
         let remote: Vec<Option<String>> = vec![Some("bench".to_owned()); n];
         let delays = vec![0i64; n];
-        if kind == Kind::Reference {
+        if let Kind::Reference(_) = kind {
             let params: [&(dyn ToSql + Sync); 8] = [
                 &ids, &statuses, &zeros, &no_text, &remote, &delays, &epoch, &instance,
             ];
             c.execute(&record, &params)?;
         } else {
             // The history the daemon writes: one row per request (none in the variant without).
-            let h = if kind == (Kind::Current { history: true }) {
+            let h = if let Kind::Current { history: true } = kind {
                 n
             } else {
                 0
