@@ -47,6 +47,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0008_due_search_in_index_order",
         include_str!("../sql/0008_due_search_in_index_order.sql"),
     ),
+    (
+        "0009_claim_searches_in_plpgsql",
+        include_str!("../sql/0009_claim_searches_in_plpgsql.sql"),
+    ),
 ];
 
 /// Serialises migrations across instances starting at the same time (a session-level
