@@ -44,12 +44,8 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../sql/0007_pending_searches_in_index_order.sql"),
     ),
     (
-        "0008_due_search_in_index_order",
-        include_str!("../sql/0008_due_search_in_index_order.sql"),
-    ),
-    (
-        "0009_claim_searches_in_plpgsql",
-        include_str!("../sql/0009_claim_searches_in_plpgsql.sql"),
+        "0008_claim_searches_in_index_order",
+        include_str!("../sql/0008_claim_searches_in_index_order.sql"),
     ),
 ];
 
