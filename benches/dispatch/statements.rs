@@ -173,42 +173,41 @@ fn loop_cost(
         let no_text: Vec<Option<String>> = vec![None; n];
         let remote: Vec<Option<String>> = vec![Some("bench".to_owned()); n];
         let delays = vec![0i64; n];
-        if let Kind::Reference(_) = kind {
-            let params: [&(dyn ToSql + Sync); 8] = [
-                &ids, &statuses, &zeros, &no_text, &remote, &delays, &epoch, &instance,
-            ];
-            c.execute(&record, &params)?;
-        } else {
-            // The history the daemon writes: one row per request (none in the variant without).
-            let h = if let Kind::Current { history: true } = kind {
-                n
-            } else {
-                0
-            };
-            let attempts = vec![1i32; h];
-            let started = vec![SystemTime::now(); h];
-            let durations = vec![3i32; h];
-            let codes: Vec<Option<i16>> = vec![Some(202); h];
-            let errors: Vec<Option<String>> = vec![None; h];
-            let history_ids = ids[..h].to_vec();
-            let params: [&(dyn ToSql + Sync); 15] = [
-                &ids,
-                &statuses,
-                &zeros,
-                &no_text,
-                &remote,
-                &delays,
-                &epoch,
-                &instance,
-                &history_ids,
-                &attempts,
-                &started,
-                &durations,
-                &codes,
-                &errors,
-                &zeros,
-            ];
-            c.query_one(&record, &params)?;
+        match kind {
+            Kind::Reference(_) => {
+                let params: [&(dyn ToSql + Sync); 8] = [
+                    &ids, &statuses, &zeros, &no_text, &remote, &delays, &epoch, &instance,
+                ];
+                c.execute(&record, &params)?;
+            }
+            Kind::Current { history } => {
+                // The history the daemon writes: one row per request (none without).
+                let h = if history { n } else { 0 };
+                let attempts = vec![1i32; h];
+                let started = vec![SystemTime::now(); h];
+                let durations = vec![3i32; h];
+                let codes: Vec<Option<i16>> = vec![Some(202); h];
+                let errors: Vec<Option<String>> = vec![None; h];
+                let history_ids = ids[..h].to_vec();
+                let params: [&(dyn ToSql + Sync); 15] = [
+                    &ids,
+                    &statuses,
+                    &zeros,
+                    &no_text,
+                    &remote,
+                    &delays,
+                    &epoch,
+                    &instance,
+                    &history_ids,
+                    &attempts,
+                    &started,
+                    &durations,
+                    &codes,
+                    &errors,
+                    &zeros,
+                ];
+                c.query_one(&record, &params)?;
+            }
         }
     }
     let ticks = cpu_ticks(backend as u32)? - before;
