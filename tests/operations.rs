@@ -504,7 +504,7 @@ fn a_cancel_racing_the_claim_has_one_winner() {
         t.join().unwrap();
     }
     wait_until(LONG, "nothing left pending or sending", || {
-        db.count("pending") + db.count("sending") == 0
+        db.count_unfinished() == 0
     });
     let results = results.lock().unwrap();
     let seen = receiver.keys();
@@ -870,9 +870,7 @@ fn retention_deletes_only_old_ended_rows_while_a_backlog_is_sent() {
         .unwrap_or(-1.0)
     };
     wait_until(LONG, "retention done and the backlog sent", || {
-        pruned("sent") == 2500.0
-            && pruned("failed") == 1200.0
-            && db.count("pending") + db.count("sending") == 0
+        pruned("sent") == 2500.0 && pruned("failed") == 1200.0 && db.count_unfinished() == 0
     });
     eprintln!(
         "retention and a backlog of 2,200: done in {:?}",

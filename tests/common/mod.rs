@@ -153,6 +153,18 @@ impl TestDb {
         });
     }
 
+    /// Messages `pending` or `sending`, in one snapshot: two counts taken one after the other
+    /// miss a message that moves between them in the meantime (claimed, or returned unsent).
+    pub fn count_unfinished(&self) -> i64 {
+        self.client()
+            .query_one(
+                "SELECT count(*) FROM messages WHERE status IN ('pending', 'sending')",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    }
+
     pub fn count(&self, status: &str) -> i64 {
         self.client()
             .query_one(
