@@ -47,6 +47,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0008_claim_searches_in_index_order",
         include_str!("../sql/0008_claim_searches_in_index_order.sql"),
     ),
+    (
+        "0009_outcome_write_in_hash_joins",
+        include_str!("../sql/0009_outcome_write_in_hash_joins.sql"),
+    ),
 ];
 
 /// Serialises migrations across instances starting at the same time (a session-level
@@ -126,79 +130,13 @@ UNION ALL
 SELECT false, id, NULL, NULL, NULL, NULL, NULL FROM expired"
 );
 
-/// Outcomes and the attempt history, one statement per batch. A message going back to
-/// `pending` (a retry, or returned unsent) whose `expires_at` would have passed by the time it
-/// falls due ends `expired` at once instead: retries never go past the expiry. Returns how many
-/// messages changed, and the ids of those that ended `expired`. `$history_conflict` is what a
-/// history row already there does (see [`RECORD_AGAIN`]).
-macro_rules! record_statement {
-    ($history_conflict:literal) => {
-        concat!(
-            "
-WITH fence AS (
-    SELECT 1 FROM dispatcher_state WHERE $7::bigint IS NULL OR epoch = $7 FOR SHARE
-), history AS (
-    -- What was requested is history whoever leads now: not fenced.
-    INSERT INTO message_attempts
-        (message_id, attempt, started_at, duration_ms, status_code, error, instance_id, epoch)
-    SELECT h.id, h.attempt, h.started_at, h.duration_ms, h.status_code, h.error, $8, $7
-    FROM unnest($9::bigint[], $10::int[], $11::timestamptz[], $12::int[], $13::smallint[],
-                $14::text[])
-         AS h(id, attempt, started_at, duration_ms, status_code, error)
-    WHERE EXISTS (SELECT 1 FROM messages WHERE id = h.id)
-    ",
-            $history_conflict,
-            "
-), written AS (
-UPDATE messages AS m SET
-    status = CASE
-        WHEN o.status = 'pending'
-             AND m.expires_at <= now() + o.delay_ms * interval '1 millisecond' THEN 'expired'
-        ELSE o.status END,
-    attempts = m.attempts - o.unsent,
-    attempts_free = m.attempts_free + o.free,
-    sent_at = CASE WHEN o.status = 'sent' THEN now() ELSE m.sent_at END,
-    last_error = CASE
-        WHEN o.status = 'expired'
-             OR (o.status = 'pending' AND o.error IS NULL
-                 AND m.expires_at <= now() + o.delay_ms * interval '1 millisecond')
-        THEN 'expired at ' || ",
-            expires_at_text!(),
-            " || ' before it could be sent'
-             || COALESCE(' (last error: ' || m.last_error || ')', '')
-        WHEN o.status = 'pending'
-             AND m.expires_at <= now() + o.delay_ms * interval '1 millisecond'
-        THEN 'expired at ' || ",
-            expires_at_text!(),
-            " || ': the next attempt would have come after it (last error: ' || o.error || ')'
-        ELSE COALESCE(o.error, m.last_error) END,
-    remote_message_id = COALESCE(o.remote_id, m.remote_message_id),
-    next_attempt_at = CASE WHEN o.status = 'pending'
-                           THEN now() + o.delay_ms * interval '1 millisecond'
-                           ELSE m.next_attempt_at END,
-    claimed_epoch = NULL, claimed_by = NULL, claimed_at = NULL,
-    updated_at = now()
-FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::text[], $6::bigint[],
-            $15::int[])
-         AS o(id, status, unsent, error, remote_id, delay_ms, free)
-WHERE m.id = o.id AND m.status = 'sending'
-  AND m.claimed_epoch IS NOT DISTINCT FROM $7 AND m.claimed_by = $8
-  AND EXISTS (SELECT 1 FROM fence)
-RETURNING m.id, m.status
-)
-SELECT count(*), COALESCE(array_agg(id) FILTER (WHERE status = 'expired'), '{}') FROM written"
-        )
-    };
-}
-
-/// The outcome write. Public for the benchmark, which shows its plan (EXPLAIN ANALYZE) on a
-/// large table.
-pub const RECORD: &str = record_statement!("");
-
-/// The outcome write again, after a write of the same outcomes whose answer was lost (the
-/// connection broke): it may have committed, so history rows already there are skipped. Only
-/// then: the check costs about 1.4 µs a message, 5 % of PostgreSQL's work per message.
-const RECORD_AGAIN: &str = record_statement!("ON CONFLICT DO NOTHING");
+/// Outcomes and the attempt history, one statement per batch (sql/0009's function, which joins
+/// them in hashes). A message going back to `pending` (a retry, or returned unsent) whose
+/// `expires_at` would have passed by the time it falls due ends `expired` at once instead:
+/// retries never go past the expiry. Returns how many messages changed, and the ids of those that
+/// ended `expired`. `$16`: written again (see [`Store::record`]). Public for the benchmark.
+pub const RECORD: &str = "SELECT rows_written, expired_ids
+    FROM messages_record($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
 
 const RECOVER: &str = "
 WITH fence AS (
@@ -302,7 +240,6 @@ struct Connection {
     client: Client,
     claim: Statement,
     record: Statement,
-    record_again: Statement,
     recover: Statement,
 }
 
@@ -382,7 +319,6 @@ impl Store {
         Ok(Connection {
             claim: client.prepare(CLAIM)?,
             record: client.prepare(RECORD)?,
-            record_again: client.prepare(RECORD_AGAIN)?,
             recover: client.prepare(RECOVER)?,
             client,
         })
@@ -504,9 +440,8 @@ impl Store {
         }
         let instance = self.instance_id.clone();
         let row = self.with(|c| {
-            let statement = if again { &c.record_again } else { &c.record };
             c.client.query_one(
-                statement,
+                &c.record,
                 &[
                     &ids,
                     &statuses,
@@ -523,6 +458,7 @@ impl Store {
                     &history.status_codes,
                     &history.errors,
                     &free,
+                    &again,
                 ],
             )
         })?;

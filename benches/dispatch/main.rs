@@ -729,7 +729,7 @@ pub fn drain_to(
     let (first, last) = (first.unwrap_or(committed), last.unwrap_or(committed));
     let seconds = (last - committed).max(1e-6);
     let explain = if big_rows > 0 {
-        Some(explain(&mut c, batch_size, s.messages)?)
+        Some(explain(&db, batch_size, s.messages)?)
     } else {
         None
     };
@@ -752,9 +752,17 @@ pub fn drain_to(
 }
 
 /// EXPLAIN ANALYZE of the daemon's claim and record statements (the library's own, so the plan
-/// shown is the current code's) with a backlog waiting, rolled back afterwards.
-fn explain(c: &mut postgres::Client, batch_size: u32, backlog: i32) -> Result<String> {
+/// shown is the current code's) with a backlog waiting, rolled back afterwards. The record's
+/// statement runs inside a function (sql/0009): its plan is the one auto_explain sends.
+fn explain(db: &BenchDb, batch_size: u32, backlog: i32) -> Result<String> {
     use message_dispatcher::store::{CLAIM, EXPIRE_LIMIT, RECORD};
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = notices.clone();
+    let mut c = db
+        .url
+        .parse::<postgres::Config>()?
+        .notice_callback(move |n| sink.lock().unwrap().push(n.message().to_owned()))
+        .connect(postgres::NoTls)?;
     let mut tx = c.transaction()?;
     tx.execute(INSERT_BACKLOG, &[&backlog])?;
     let limit = i64::from(batch_size);
@@ -778,8 +786,16 @@ fn explain(c: &mut postgres::Client, batch_size: u32, backlog: i32) -> Result<St
         .collect();
     let n = ids.len();
     let now = std::time::SystemTime::now();
-    let record_plan = plan(tx.query(
-        &format!("{explain} {RECORD}"),
+    tx.batch_execute(
+        "LOAD 'auto_explain';
+         SET LOCAL auto_explain.log_min_duration = 0;
+         SET LOCAL auto_explain.log_analyze = on;
+         SET LOCAL auto_explain.log_buffers = on;
+         SET LOCAL auto_explain.log_nested_statements = on;
+         SET LOCAL client_min_messages = log",
+    )?;
+    tx.query(
+        RECORD,
         &[
             &ids,
             &vec!["sent"; n],
@@ -796,9 +812,22 @@ fn explain(c: &mut postgres::Client, batch_size: u32, backlog: i32) -> Result<St
             &vec![Some(202i16); n],
             &vec![None::<&str>; n],
             &vec![0i32; n],
+            &false,
         ],
-    )?);
+    )?;
     tx.rollback()?;
+    let record_plan = notices
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|text| text.contains("UPDATE messages"))
+        .map(|text| {
+            // After its query's text: the first line of the plan is the first with figures.
+            let lines: Vec<&str> = text.lines().collect();
+            let first = lines.iter().position(|l| l.contains("(cost=")).unwrap_or(0);
+            lines[first..].join("\n")
+        })
+        .ok_or("auto_explain sent no plan of the outcome write")?;
     Ok(format!(
         "-- claim (BATCH_SIZE={batch_size}, {backlog} pending)\n{claim_plan}\n\n-- record ({n} outcomes, with their attempt history)\n{record_plan}"
     ))

@@ -189,7 +189,7 @@ fn loop_cost(
                 let codes: Vec<Option<i16>> = vec![Some(202); h];
                 let errors: Vec<Option<String>> = vec![None; h];
                 let history_ids = ids[..h].to_vec();
-                let params: [&(dyn ToSql + Sync); 15] = [
+                let params: [&(dyn ToSql + Sync); 16] = [
                     &ids,
                     &statuses,
                     &zeros,
@@ -205,6 +205,7 @@ fn loop_cost(
                     &codes,
                     &errors,
                     &zeros,
+                    &false,
                 ];
                 c.query_one(&record, &params)?;
             }
