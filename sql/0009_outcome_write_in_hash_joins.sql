@@ -14,6 +14,15 @@
 -- The daemon calls it with $16 = true when writing outcomes again after a write whose answer
 -- was lost (it may have committed): history rows already there are then skipped, and only then
 -- looked for.
+-- `expires_at` as `last_error` gives it (UTC, RFC 3339, microseconds), for the claim's expiry
+-- sweep and for the outcome write: one wording for both. Plain SQL, so it is inlined.
+CREATE FUNCTION messages_expiry_text(expires_at timestamptz) RETURNS text
+LANGUAGE sql STABLE
+AS $$
+    SELECT COALESCE(to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+                    expires_at::text, 'an unknown time')
+$$;
+
 CREATE FUNCTION messages_record(
     bigint[], text[], int[], text[], text[], bigint[], bigint, text,
     bigint[], int[], timestamptz[], int[], smallint[], text[], int[], boolean)
@@ -51,11 +60,11 @@ BEGIN
             WHEN o.status = 'expired'
                  OR (o.status = 'pending' AND o.error IS NULL
                      AND m.expires_at <= now() + o.delay_ms * interval '1 millisecond')
-            THEN 'expired at ' || COALESCE(to_char(m.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), m.expires_at::text, 'an unknown time') || ' before it could be sent'
+            THEN 'expired at ' || messages_expiry_text(m.expires_at) || ' before it could be sent'
                  || COALESCE(' (last error: ' || m.last_error || ')', '')
             WHEN o.status = 'pending'
                  AND m.expires_at <= now() + o.delay_ms * interval '1 millisecond'
-            THEN 'expired at ' || COALESCE(to_char(m.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), m.expires_at::text, 'an unknown time') || ': the next attempt would have come after it (last error: ' || o.error || ')'
+            THEN 'expired at ' || messages_expiry_text(m.expires_at) || ': the next attempt would have come after it (last error: ' || o.error || ')'
             ELSE COALESCE(o.error, m.last_error) END,
         remote_message_id = COALESCE(o.remote_id, m.remote_message_id),
         next_attempt_at = CASE WHEN o.status = 'pending'

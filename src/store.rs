@@ -76,22 +76,13 @@ pub const NOTIFY_CHANNEL: &str = "message_dispatcher";
 /// whether marked or not, so a larger backlog only takes a few more cycles to show.
 pub const EXPIRE_LIMIT: u32 = 1000;
 
-/// `expires_at` of row `m` as text for `last_error` (UTC, RFC 3339, microseconds).
-macro_rules! expires_at_text {
-    () => {
-        "COALESCE(to_char(m.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
-         m.expires_at::text, 'an unknown time')"
-    };
-}
-
 /// The claim: first the expiry sweep (pending rows past `expires_at` become `expired`, at most
 /// $4 of them), then up to $1 due messages that have not expired become `sending`. One round
 /// trip; both parts are fenced by the state row like before, so a replaced leader and a stopped
 /// cluster change nothing. The two parts take disjoint rows (`expires_at <= now()` and `>`).
 /// Returns the claimed rows (with the seconds each has left) and the ids of the expired ones.
 /// Public for the benchmark, which shows its plan (EXPLAIN ANALYZE) on a large table.
-pub const CLAIM: &str = concat!(
-    "
+pub const CLAIM: &str = "
 WITH fence AS (
     SELECT 1 FROM dispatcher_state
     WHERE processing_enabled AND ($2::bigint IS NULL OR epoch = $2)
@@ -99,9 +90,8 @@ WITH fence AS (
 ), expired AS (
     UPDATE messages AS m
     SET status = 'expired',
-        last_error = 'expired at ' || ",
-    expires_at_text!(),
-    " || ' before it could be sent'
+        last_error = 'expired at ' || messages_expiry_text(m.expires_at)
+                     || ' before it could be sent'
                      || COALESCE(' (last error: ' || m.last_error || ')', ''),
         updated_at = now()
     -- (sql/0007: the function keeps the plan on messages_expiry_idx; fenced, it looks at none.)
@@ -127,8 +117,7 @@ WITH fence AS (
 )
 SELECT true, id, recipient, content, attempts, charged, expires_in FROM claimed
 UNION ALL
-SELECT false, id, NULL, NULL, NULL, NULL, NULL FROM expired"
-);
+SELECT false, id, NULL, NULL, NULL, NULL, NULL FROM expired";
 
 /// Outcomes and the attempt history, one statement per batch (sql/0009's function, which joins
 /// them in hashes). A message going back to `pending` (a retry, or returned unsent) whose

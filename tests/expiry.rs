@@ -652,12 +652,14 @@ fn pages_read(c: &mut impl postgres::GenericClient, query: &str) -> u64 {
         .map(|r| r.get::<_, String>(0))
         .find(|line| line.trim_start().starts_with("Buffers:"))
         .unwrap_or_else(|| panic!("no Buffers line in the plan of {query}"));
-    let figure = |what: &str| -> u64 {
-        top.split_whitespace()
-            .find_map(|w| w.strip_prefix(what))
-            .map_or(0, |n| n.trim_end_matches(',').parse().unwrap())
-    };
-    figure("hit=") + figure("read=")
+    plan_figure(&top, "hit=") + plan_figure(&top, "read=")
+}
+
+/// The figure after `what` (`rows=`, `hit=`…) in one line of a plan; 0 where it is not shown.
+fn plan_figure(line: &str, what: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(what))
+        .map_or(0, |n| n.trim_end_matches([',', ')']).parse().unwrap())
 }
 
 #[test]
@@ -720,14 +722,9 @@ fn a_claim_finds_the_rows_it_changes_by_primary_key_however_small_the_table_look
 /// rows times its loops): what a plan that goes through one input again for every row of
 /// another multiplies.
 fn rows_handled_again(plan: &[String]) -> u64 {
-    let figure = |line: &str, what: &str| -> u64 {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(what))
-            .map_or(0, |n| n.trim_end_matches(')').parse().unwrap())
-    };
     plan.iter()
         .filter(|line| line.contains("(actual "))
-        .map(|line| (figure(line, "rows="), figure(line, "loops=")))
+        .map(|line| (plan_figure(line, "rows="), plan_figure(line, "loops=")))
         .filter(|&(_, loops)| loops > 1)
         .map(|(rows, loops)| rows * loops)
         .sum()
