@@ -24,5 +24,6 @@ pub mod shutdown;
 pub mod status;
 pub mod store;
 pub mod timestamp;
+pub mod transport;
 pub mod webhook;
 pub mod worker;

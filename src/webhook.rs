@@ -5,7 +5,7 @@
 //! `webhook-id` stable across attempts, signed as Standard Webhooks 1.0 when a secret is set.
 
 use std::path::Path;
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::RwLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -15,8 +15,7 @@ use ureq::http::Uri;
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::{
-    ConnectProxyConnector, ConnectionDetails, Connector, NextTimeout, RustlsConnector,
-    ShutdownHandle, TcpConnector,
+    ConnectProxyConnector, Connector, NextTimeout, RustlsConnector,
 };
 use ureq::{Agent, ProxyProtocol};
 use url::Url;
@@ -26,6 +25,7 @@ use crate::circuit::Health;
 use crate::config::Config;
 use crate::error::Error;
 use crate::message::{Claimed, Delivery};
+use crate::transport::PolledTcpConnector;
 
 /// How much of a response body we read: enough for `{"messageId": …}` or an error text.
 const MAX_RESPONSE_BODY: u64 = 64 * 1024;
@@ -44,32 +44,6 @@ const OUTPUT_BUFFER: usize = 4 * 1024;
 const MAX_RESPONSE_HEADER: usize = 11 * 1024;
 /// How long a resolved webhook address is reused before the host name is looked up again.
 const RESOLVE_TTL: Duration = Duration::from_secs(5);
-
-/// A connector chain whose sockets are not registered for `Agent::shutdown` (never called
-/// here: a shutdown lets requests in flight finish). ureq keeps every registered socket in a
-/// list that each checkout and return of a pooled connection walks under the pool's one lock:
-/// at WORKER_COUNT=1024 that walk was the daemon's busiest code in a profile.
-#[derive(Debug)]
-struct Unregistered<C>(C);
-
-impl<C: Connector> Connector for Unregistered<C> {
-    type Out = C::Out;
-
-    fn connect(
-        &self,
-        details: &ConnectionDetails,
-        chained: Option<()>,
-    ) -> Result<Option<Self::Out>, ureq::Error> {
-        let details = ConnectionDetails {
-            addrs: details.addrs.clone(),
-            current_time: details.current_time.clone(),
-            run_connector: details.run_connector.clone(),
-            register_shutdown: Arc::new(|_: Weak<dyn ShutdownHandle>| Ok(())),
-            ..*details
-        };
-        self.0.connect(&details, chained)
-    }
-}
 
 /// One request's result: what it means for the message, what it says about the receiver, and
 /// the answer's status code (None when no answer came).
@@ -142,16 +116,12 @@ impl Webhook {
             || agent_config
                 .proxy()
                 .is_some_and(|p| p.protocol() == ProxyProtocol::Https);
-        let plain = ().chain(ConnectProxyConnector::default()).chain(TcpConnector::default());
+        let plain = ().chain(ConnectProxyConnector::default()).chain(PolledTcpConnector);
         let agent = if needs_tls {
-            let tls = Unregistered(plain.chain(RustlsConnector::default()));
+            let tls = plain.chain(RustlsConnector::default());
             Agent::with_parts(agent_config, tls, CachingResolver::default())
         } else {
-            Agent::with_parts(
-                agent_config,
-                Unregistered(plain),
-                CachingResolver::default(),
-            )
+            Agent::with_parts(agent_config, plain, CachingResolver::default())
         };
         Ok(Webhook {
             agent,

@@ -1,0 +1,480 @@
+//! The webhook's TCP connections, with only the system calls a request needs.
+//!
+//! ureq's own TCP transport keeps its socket blocking and bounds each read and write with
+//! SO_RCVTIMEO or SO_SNDTIMEO, set again whenever the time left has changed (on nearly every
+//! call, since it shrinks); and it checks that a pooled connection is still open by switching
+//! the socket to non-blocking, reading, and switching it back, once when the connection is
+//! taken from the pool and once when it is returned. `strace` of a drain: 12 system calls a
+//! request beside its write and read (4 `ioctl`, 3 `setsockopt`, 2 probing reads and a second
+//! write), a third of them under the pool's one lock.
+//!
+//! Here the socket stays non-blocking. A write or read that cannot go on at once waits in
+//! `poll(2)` for at most the time ureq says is left, and a read right after a write (the
+//! answer, which is not there yet) waits first; the open check is one peek. A request costs
+//! about six calls. Only the connect path is ureq's in spirit: every resolved address is tried
+//! in turn within the connect timeout.
+//!
+//! TLS (rustls) and a CONNECT proxy chain onto this transport as they do onto ureq's. Its
+//! sockets are not registered for `Agent::shutdown`, which the daemon never calls (a shutdown
+//! lets requests in flight finish): ureq keeps every registered socket in a list that each
+//! checkout and return of a pooled connection walks under the pool's lock, which at
+//! WORKER_COUNT=1024 was the daemon's busiest code in a profile.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use ureq::unversioned::transport::{
+    Buffers, ConnectionDetails, Connector, Either, LazyBuffers, NextTimeout, Transport,
+};
+use ureq::Timeout;
+
+/// Opens plain TCP connections as [`PolledTcp`]; passes a connection made earlier in the chain
+/// (a CONNECT proxy's) through untouched.
+#[derive(Debug, Default)]
+pub struct PolledTcpConnector;
+
+impl<In: Transport> Connector<In> for PolledTcpConnector {
+    type Out = Either<In, PolledTcp>;
+
+    fn connect(
+        &self,
+        details: &ConnectionDetails,
+        chained: Option<In>,
+    ) -> Result<Option<Self::Out>, ureq::Error> {
+        if let Some(chained) = chained {
+            return Ok(Some(Either::A(chained)));
+        }
+        let stream = connect(&details.addrs, details.timeout)?;
+        if details.config.no_delay() {
+            stream.set_nodelay(true)?;
+        }
+        stream.set_nonblocking(true)?;
+        let config = details.config;
+        Ok(Some(Either::B(PolledTcp {
+            stream,
+            buffers: LazyBuffers::new(config.input_buffer_size(), config.output_buffer_size()),
+            answer_due: false,
+        })))
+    }
+}
+
+/// The least time one of several addresses gets to connect.
+const MIN_CONNECT_SHARE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Tries each address in turn; each gets half of the time left, the last all of it (a host
+/// whose first address is dead still gets a chance on the next).
+fn connect(addrs: &[SocketAddr], timeout: NextTimeout) -> Result<TcpStream, ureq::Error> {
+    let deadline = Deadline::new(timeout)?;
+    let mut last_error = None;
+    for (i, addr) in addrs.iter().enumerate() {
+        let attempt = match deadline.left() {
+            None => TcpStream::connect(addr),
+            Some(left) if left.is_zero() => break,
+            Some(left) if i + 1 < addrs.len() => {
+                TcpStream::connect_timeout(addr, (left / 2).max(MIN_CONNECT_SHARE))
+            }
+            Some(left) => TcpStream::connect_timeout(addr, left),
+        };
+        match attempt {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(match last_error {
+        Some(e) if e.kind() != io::ErrorKind::TimedOut => e.into(),
+        Some(_) => ureq::Error::Timeout(Timeout::Connect),
+        None if addrs.is_empty() => io::Error::from(io::ErrorKind::ConnectionRefused).into(),
+        None => ureq::Error::Timeout(timeout.reason),
+    })
+}
+
+/// A non-blocking TCP connection that waits in `poll(2)`, bounded by ureq's timeouts.
+#[derive(Debug)]
+pub struct PolledTcp {
+    stream: TcpStream,
+    buffers: LazyBuffers,
+    /// A request went out and nothing was read since: the next read waits before it tries.
+    answer_due: bool,
+}
+
+impl Transport for PolledTcp {
+    fn buffers(&mut self) -> &mut dyn Buffers {
+        &mut self.buffers
+    }
+
+    fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
+        let timeout = timeout.for_write();
+        let deadline = Deadline::new(timeout)?;
+        let mut output = &self.buffers.output()[..amount];
+        while !output.is_empty() {
+            match (&self.stream).write(output) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Ok(n) => output = &output[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait(&self.stream, libc::POLLOUT, deadline)?
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.answer_due = true;
+        Ok(())
+    }
+
+    fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
+        let timeout = timeout.for_read();
+        let deadline = Deadline::new(timeout)?;
+        if std::mem::take(&mut self.answer_due) {
+            wait(&self.stream, libc::POLLIN, deadline)?;
+        }
+        loop {
+            match (&self.stream).read(self.buffers.input_append_buf()) {
+                Ok(n) => {
+                    self.buffers.input_appended(n);
+                    return Ok(n > 0);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait(&self.stream, libc::POLLIN, deadline)?
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Open means idle: nothing to read. An end of stream (the receiver closed it) or bytes we
+    /// did not ask for (a stray answer) mean the connection must not be used again.
+    fn is_open(&mut self) -> bool {
+        matches!(self.stream.peek(&mut [0]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// When a wait must end: `None` when ureq set no timeout.
+#[derive(Clone, Copy)]
+struct Deadline {
+    at: Option<Instant>,
+    reason: Timeout,
+}
+
+impl Deadline {
+    /// Fails at once, as ureq's transport does, when no time is left.
+    fn new(timeout: NextTimeout) -> Result<Deadline, ureq::Error> {
+        if timeout.after.is_zero() {
+            return Err(ureq::Error::Timeout(timeout.reason));
+        }
+        Ok(Deadline {
+            // None also for a timeout too far away to be an Instant.
+            at: Instant::now().checked_add(*timeout.after),
+            reason: timeout.reason,
+        })
+    }
+
+    fn left(&self) -> Option<std::time::Duration> {
+        self.at
+            .map(|at| at.saturating_duration_since(Instant::now()))
+    }
+}
+
+/// Waits until `stream` is ready for `events` (or has an error or hang-up to report, which the
+/// next read or write then returns), or fails with the deadline's timeout.
+fn wait(stream: &TcpStream, events: libc::c_short, deadline: Deadline) -> Result<(), ureq::Error> {
+    loop {
+        let millis = match deadline.left() {
+            None => -1,
+            Some(left) if left.is_zero() => return Err(ureq::Error::Timeout(deadline.reason)),
+            // Rounded up: a wait never ends before its deadline only to find time left.
+            Some(left) => left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int,
+        };
+        let mut fd = libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        match unsafe { libc::poll(&mut fd, 1, millis) } {
+            0 => {}
+            n if n > 0 => return Ok(()),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::net::TcpListener;
+    use std::sync::mpsc;
+    use std::thread;
+    use std::time::Duration;
+
+    use ureq::unversioned::transport::ConnectProxyConnector;
+    use ureq::Agent;
+
+    fn agent(timeout: Duration) -> Agent {
+        agent_via(timeout, None)
+    }
+
+    /// The daemon's chain: a CONNECT proxy when one is given, else straight to the receiver.
+    fn agent_via(timeout: Duration, proxy: Option<ureq::Proxy>) -> Agent {
+        let config = Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false)
+            .proxy(proxy)
+            .build();
+        Agent::with_parts(
+            config,
+            ().chain(ConnectProxyConnector::default())
+                .chain(PolledTcpConnector),
+            ureq::unversioned::resolver::DefaultResolver::default(),
+        )
+    }
+
+    /// Reads one request (headers and a Content-Length body) from `reader`; None at the end of
+    /// the stream.
+    fn read_request(reader: &mut io::BufReader<TcpStream>) -> Option<Vec<u8>> {
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).ok()?;
+        Some(body)
+    }
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+    /// A receiver that answers up to `answers_per_connection` requests on each connection with
+    /// OK, then closes the connection, or, with `stray`, writes one more answer nobody asked
+    /// for and leaves it open; reports each connection's number of requests once that is done.
+    fn receiver(answers_per_connection: usize, stray: bool) -> (String, mpsc::Receiver<usize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut left_open = Vec::new();
+            for stream in listener.incoming() {
+                let mut stream = stream.unwrap();
+                let mut reader = io::BufReader::new(stream.try_clone().unwrap());
+                let mut served = 0;
+                while served < answers_per_connection && read_request(&mut reader).is_some() {
+                    stream.write_all(OK).unwrap();
+                    served += 1;
+                }
+                // On loopback what we write, or the end of stream of a close, has reached the
+                // client when the call returns: its next request finds it.
+                if stray {
+                    stream.write_all(OK).unwrap();
+                    left_open.push((stream, reader));
+                } else {
+                    drop((stream, reader));
+                }
+                if tx.send(served).is_err() {
+                    return;
+                }
+            }
+        });
+        (url, rx)
+    }
+
+    fn post(agent: &Agent, url: &str, body: &[u8]) -> Result<u16, ureq::Error> {
+        let mut response = agent.post(url).send(body)?;
+        response.body_mut().read_to_vec()?;
+        Ok(response.status().as_u16())
+    }
+
+    #[test]
+    fn a_kept_alive_connection_carries_request_after_request() {
+        let (url, served) = receiver(usize::MAX, false);
+        let agent = agent(Duration::from_secs(5));
+        for _ in 0..50 {
+            assert_eq!(post(&agent, &url, b"{}").unwrap(), 200);
+        }
+        drop(agent);
+        assert_eq!(served.recv_timeout(Duration::from_secs(5)).unwrap(), 50);
+    }
+
+    #[test]
+    fn a_connection_the_receiver_closed_is_not_used_again() {
+        // One answer per connection, then the receiver closes it: every request after the first
+        // must find its pooled connection closed and open a new one, not fail on it.
+        let (url, served) = receiver(1, false);
+        let agent = agent(Duration::from_secs(5));
+        for i in 0..5 {
+            assert_eq!(post(&agent, &url, b"{}").unwrap(), 200, "request {i}");
+            assert_eq!(served.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        }
+    }
+
+    #[test]
+    fn a_connection_with_stray_bytes_is_not_used_again() {
+        let (url, served) = receiver(1, true);
+        let agent = agent(Duration::from_secs(5));
+        for i in 0..3 {
+            assert_eq!(post(&agent, &url, b"{}").unwrap(), 200, "request {i}");
+            assert_eq!(served.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        }
+    }
+
+    #[test]
+    fn a_receiver_that_never_answers_times_out_on_time() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let held = thread::spawn(move || listener.accept().map(|(s, _)| s));
+        let started = Instant::now();
+        let error = post(&agent(Duration::from_millis(300)), &url, b"{}").unwrap_err();
+        let took = started.elapsed();
+        assert!(matches!(error, ureq::Error::Timeout(_)), "{error:?}");
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        drop(held.join());
+    }
+
+    #[test]
+    fn an_answer_that_trickles_in_still_ends_at_the_timeout() {
+        // A byte of the status line every 50 ms, forever: each read makes progress, so only
+        // the request's own deadline can end it.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            read_request(&mut io::BufReader::new(stream.try_clone().unwrap()));
+            for byte in b"HTTP/1.1 200 OK\r\nx-pad: "
+                .iter()
+                .chain([b'a'].iter().cycle())
+            {
+                if stream.write_all(&[*byte]).is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let started = Instant::now();
+        let error = post(&agent(Duration::from_millis(500)), &url, b"{}").unwrap_err();
+        let took = started.elapsed();
+        assert!(matches!(error, ureq::Error::Timeout(_)), "{error:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+
+    #[test]
+    fn a_body_larger_than_the_socket_buffers_waits_for_a_slow_reader() {
+        // 4 MB cannot sit in the kernel's buffers: the writes must wait for the receiver,
+        // which starts reading only after a pause.
+        let (tx, rx) = mpsc::channel();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            thread::sleep(Duration::from_millis(200));
+            let body = read_request(&mut io::BufReader::new(stream.try_clone().unwrap()));
+            stream.write_all(OK).unwrap();
+            tx.send(body.map(|b| b.len())).unwrap();
+        });
+        let body = vec![b'x'; 4 << 20];
+        assert_eq!(
+            post(&agent(Duration::from_secs(10)), &url, &body).unwrap(),
+            200
+        );
+        assert_eq!(rx.recv().unwrap(), Some(body.len()));
+    }
+
+    #[test]
+    fn a_receiver_that_never_reads_times_the_write_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let held = thread::spawn(move || listener.accept().map(|(s, _)| s));
+        let body = vec![b'x'; 16 << 20];
+        let started = Instant::now();
+        let error = post(&agent(Duration::from_millis(300)), &url, &body).unwrap_err();
+        assert!(matches!(error, ureq::Error::Timeout(_)), "{error:?}");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        drop(held.join());
+    }
+
+    #[test]
+    fn a_refused_connection_is_an_io_error_and_the_next_address_is_tried() {
+        let dead = TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_addr = dead.local_addr().unwrap();
+        drop(dead);
+        let live = TcpListener::bind("127.0.0.1:0").unwrap();
+        let live_addr = live.local_addr().unwrap();
+        let timeout = NextTimeout {
+            after: ureq::unversioned::transport::time::Duration::from_secs(2),
+            ..NextTimeout::default()
+        };
+        let error = connect(&[dead_addr], timeout).unwrap_err();
+        assert!(
+            matches!(&error, ureq::Error::Io(e) if e.kind() == io::ErrorKind::ConnectionRefused),
+            "{error:?}"
+        );
+        let stream = connect(&[dead_addr, live_addr], timeout).unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), live_addr);
+    }
+
+    #[test]
+    fn requests_go_through_a_connect_proxy() {
+        let (url, served) = receiver(usize::MAX, false);
+        let target = url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
+        // A CONNECT proxy: reads the CONNECT request, reports its target, then relays bytes.
+        let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+        let (asked_tx, asked) = mpsc::channel();
+        thread::spawn(move || {
+            let (client, _) = proxy.accept().unwrap();
+            let mut reader = io::BufReader::new(client.try_clone().unwrap());
+            let mut request_line = String::new();
+            reader.read_line(&mut request_line).unwrap();
+            let mut line = String::new();
+            while line != "\r\n" {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+            }
+            let authority = request_line.split(' ').nth(1).unwrap().to_owned();
+            let upstream = TcpStream::connect(&authority).unwrap();
+            (&client)
+                .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .unwrap();
+            asked_tx.send(request_line).unwrap();
+            let (mut up_read, mut up_write) = (upstream.try_clone().unwrap(), upstream);
+            let mut client_write = client;
+            thread::spawn(move || {
+                let _ = io::copy(&mut reader, &mut up_write);
+                up_write.shutdown(std::net::Shutdown::Write)
+            });
+            let _ = io::copy(&mut up_read, &mut client_write);
+        });
+        let agent = agent_via(
+            Duration::from_secs(5),
+            Some(ureq::Proxy::new(&proxy_url).unwrap()),
+        );
+        for _ in 0..3 {
+            assert_eq!(post(&agent, &url, b"{}").unwrap(), 200);
+        }
+        let asked = asked.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(
+            asked.starts_with(&format!("CONNECT {target} ")),
+            "{asked:?}"
+        );
+        drop(agent);
+        assert_eq!(served.recv_timeout(Duration::from_secs(5)).unwrap(), 3);
+    }
+}
