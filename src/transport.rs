@@ -29,7 +29,7 @@ use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use ureq::unversioned::transport::{
-    Buffers, ConnectionDetails, Connector, Either, LazyBuffers, NextTimeout, Transport,
+    Buffers, ConnectionDetails, Connector, Either, NextTimeout, Transport,
 };
 use ureq::Timeout;
 
@@ -57,7 +57,7 @@ impl<In: Transport> Connector<In> for PolledTcpConnector {
         let config = details.config;
         Ok(Some(Either::B(PolledTcp {
             stream,
-            buffers: LazyBuffers::new(config.input_buffer_size(), config.output_buffer_size()),
+            buffers: ZeroedBuffers::new(config.input_buffer_size(), config.output_buffer_size()),
             held: Vec::new(),
             answer_due: false,
         })))
@@ -102,7 +102,7 @@ fn connect(addrs: &[SocketAddr], timeout: NextTimeout) -> Result<TcpStream, ureq
 #[derive(Debug)]
 pub struct PolledTcp {
     stream: TcpStream,
-    buffers: LazyBuffers,
+    buffers: ZeroedBuffers,
     /// A write not sent yet (see `transmit_output`); empty between requests.
     held: Vec<u8>,
     /// A request went out and nothing was read since: the next read waits before it tries.
@@ -160,6 +160,87 @@ impl Transport for PolledTcp {
     /// did not ask for (a stray answer) mean the connection must not be used again.
     fn is_open(&mut self) -> bool {
         matches!(self.stream.peek(&mut [0]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// A connection's input and output buffers, allocated zeroed. ureq's `LazyBuffers` write zeros
+/// over both on first use, so all 16 KiB of them are resident for good in every pooled
+/// connection (16 MB at WORKER_COUNT=1024); memory the allocator hands out zeroed is touched only
+/// where an answer or a request is written, a page or so of each.
+#[derive(Debug)]
+struct ZeroedBuffers {
+    input: Vec<u8>,
+    /// `input[consumed..filled]` is read and not yet used by ureq.
+    consumed: usize,
+    filled: usize,
+    /// The last use of the input consumed something (ureq's sign that more input is not needed
+    /// before it looks again).
+    progress: bool,
+    output: Vec<u8>,
+}
+
+impl ZeroedBuffers {
+    fn new(input: usize, output: usize) -> ZeroedBuffers {
+        ZeroedBuffers {
+            input: vec![0; input],
+            consumed: 0,
+            filled: 0,
+            progress: false,
+            output: vec![0; output],
+        }
+    }
+
+    /// Moves what is unread to the front when that frees more than it copies (as ureq's
+    /// buffers do), so the free end of the input is as large as it can cheaply be.
+    fn make_room(&mut self) {
+        if self.consumed == self.filled {
+            (self.consumed, self.filled) = (0, 0);
+        } else if self.consumed > 0 && self.filled > self.input.len() / 2 {
+            self.input.copy_within(self.consumed..self.filled, 0);
+            (self.consumed, self.filled) = (0, self.filled - self.consumed);
+        }
+    }
+}
+
+impl Buffers for ZeroedBuffers {
+    fn output(&mut self) -> &mut [u8] {
+        &mut self.output
+    }
+
+    fn input(&self) -> &[u8] {
+        &self.input[self.consumed..self.filled]
+    }
+
+    fn input_append_buf(&mut self) -> &mut [u8] {
+        self.make_room();
+        &mut self.input[self.filled..]
+    }
+
+    fn input_appended(&mut self, amount: usize) {
+        self.filled += amount;
+        assert!(
+            self.filled <= self.input.len(),
+            "more input appended than room"
+        );
+    }
+
+    fn input_consume(&mut self, amount: usize) {
+        self.progress = amount > 0;
+        self.consumed += amount;
+        assert!(
+            self.consumed <= self.filled,
+            "more input consumed than read"
+        );
+    }
+
+    /// Scratch space for a chunked request body (ours never is) and the output.
+    fn tmp_and_output(&mut self) -> (&mut [u8], &mut [u8]) {
+        self.make_room();
+        (&mut self.input[self.filled..], &mut self.output)
+    }
+
+    fn can_use_input(&self) -> bool {
+        self.consumed < self.filled && self.progress
     }
 }
 
@@ -535,5 +616,32 @@ mod tests {
             let first = rx.recv_timeout(Duration::from_secs(5)).unwrap();
             assert!(first.ends_with(body), "{}", String::from_utf8_lossy(&first));
         }
+    }
+
+    #[test]
+    fn buffers_keep_unread_input_and_make_room_for_more() {
+        let mut b = ZeroedBuffers::new(8, 4);
+        b.input_append_buf()[..6].copy_from_slice(b"abcdef");
+        b.input_appended(6);
+        assert!(
+            !b.can_use_input(),
+            "nothing consumed yet: ureq must read first"
+        );
+        b.input_consume(2);
+        assert_eq!(b.input(), b"cdef");
+        assert!(b.can_use_input());
+        // More than half full: the unread part moves to the front, freeing 4 bytes.
+        assert_eq!(b.input_append_buf().len(), 4);
+        assert_eq!(b.input(), b"cdef");
+        b.input_consume(0);
+        assert!(!b.can_use_input(), "no progress: ureq needs more input");
+        b.input_consume(4);
+        assert_eq!(
+            b.input_append_buf().len(),
+            8,
+            "all read: the whole buffer is free"
+        );
+        let (tmp, output) = b.tmp_and_output();
+        assert_eq!((tmp.len(), output.len()), (8, 4));
     }
 }
