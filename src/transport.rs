@@ -60,6 +60,7 @@ impl<In: Transport> Connector<In> for PolledTcpConnector {
             buffers: ZeroedBuffers::new(config.input_buffer_size(), config.output_buffer_size()),
             held: Vec::new(),
             answer_due: false,
+            broken: false,
         })))
     }
 }
@@ -67,6 +68,9 @@ impl<In: Transport> Connector<In> for PolledTcpConnector {
 /// Writes up to this size wait for the next (see [`PolledTcp::transmit_output`]); a request's
 /// head is a few hundred bytes.
 const HOLD_LIMIT: usize = 2048;
+
+/// The scratch space ureq's own buffers keep for a chunked request body.
+const MIN_SCRATCH: usize = 10 * 1024;
 
 /// The least time one of several addresses gets to connect.
 const MIN_CONNECT_SHARE: std::time::Duration = std::time::Duration::from_millis(10);
@@ -99,14 +103,48 @@ fn connect(addrs: &[SocketAddr], timeout: NextTimeout) -> Result<TcpStream, ureq
 }
 
 /// A non-blocking TCP connection that waits in `poll(2)`, bounded by ureq's timeouts.
-#[derive(Debug)]
 pub struct PolledTcp {
     stream: TcpStream,
     buffers: ZeroedBuffers,
-    /// A write not sent yet (see `transmit_output`); empty between requests.
+    /// A write not sent yet (see `transmit_output`); normally empty between requests.
     held: Vec<u8>,
     /// A request went out and nothing was read since: the next read waits before it tries.
     answer_due: bool,
+    /// A send failed, perhaps after sending part of what it had: nothing more may follow.
+    broken: bool,
+}
+
+/// Only the peer: the buffers hold requests, i.e. message contents.
+impl std::fmt::Debug for PolledTcp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolledTcp")
+            .field("peer", &self.stream.peer_addr().ok())
+            .finish()
+    }
+}
+
+impl PolledTcp {
+    fn usable(&self) -> Result<(), ureq::Error> {
+        match self.broken {
+            false => Ok(()),
+            true => Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "an earlier write on this connection failed",
+            )
+            .into()),
+        }
+    }
+
+    /// After a send of what was held (and more): on success nothing is held any longer; on
+    /// failure part of it may have gone out, so sending it again would repeat the start of a
+    /// request (ureq goes on after a timeout while it waits for a `100 Continue`).
+    fn sent(&mut self, result: Result<(), ureq::Error>) -> Result<(), ureq::Error> {
+        match result {
+            Ok(()) => self.held.clear(),
+            Err(_) => self.broken = true,
+        }
+        result
+    }
 }
 
 impl Transport for PolledTcp {
@@ -118,25 +156,27 @@ impl Transport for PolledTcp {
     /// so that head and body leave in one `writev` and arrive in one segment: one system call
     /// here and one wake-up of the receiver instead of two of each.
     fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
+        self.usable()?;
         let timeout = timeout.for_write();
         let deadline = Deadline::new(timeout)?;
         let output = &self.buffers.output()[..amount];
         if self.held.is_empty() && amount <= HOLD_LIMIT {
             self.held.extend_from_slice(output);
         } else {
-            send(&self.stream, [&self.held, output], deadline)?;
-            self.held.clear();
+            let result = send(&self.stream, [&self.held, output], deadline);
+            self.sent(result)?;
         }
         self.answer_due = true;
         Ok(())
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
+        self.usable()?;
         let timeout = timeout.for_read();
         let deadline = Deadline::new(timeout)?;
         if !self.held.is_empty() {
-            send(&self.stream, [&self.held, &[]], deadline)?;
-            self.held.clear();
+            let result = send(&self.stream, [&self.held, &[]], deadline);
+            self.sent(result)?;
         }
         if std::mem::take(&mut self.answer_due) {
             wait(&self.stream, libc::POLLIN, deadline)?;
@@ -156,10 +196,14 @@ impl Transport for PolledTcp {
         }
     }
 
-    /// Open means idle: nothing to read. An end of stream (the receiver closed it) or bytes we
-    /// did not ask for (a stray answer) mean the connection must not be used again.
+    /// Open means idle: nothing to read, in the socket or already read into the input (under
+    /// TLS, the layer above sees only what it decrypted). An end of stream (the receiver closed
+    /// it) or bytes we did not ask for (a stray answer, a TLS close alert) mean the connection
+    /// must not be used again.
     fn is_open(&mut self) -> bool {
-        matches!(self.stream.peek(&mut [0]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        !self.broken
+            && self.buffers.input().is_empty()
+            && matches!(self.stream.peek(&mut [0]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 
@@ -167,7 +211,6 @@ impl Transport for PolledTcp {
 /// over both on first use, so all 16 KiB of them are resident for good in every pooled
 /// connection (16 MB at WORKER_COUNT=1024); memory the allocator hands out zeroed is touched only
 /// where an answer or a request is written, a page or so of each.
-#[derive(Debug)]
 struct ZeroedBuffers {
     input: Vec<u8>,
     /// `input[consumed..filled]` is read and not yet used by ureq.
@@ -233,9 +276,14 @@ impl Buffers for ZeroedBuffers {
         );
     }
 
-    /// Scratch space for a chunked request body (ours never is) and the output.
+    /// Scratch space for a chunked request body (ours never is) and the output. ureq ends a
+    /// chunked body at an empty read, so the scratch space is never left small (as in ureq's
+    /// buffers).
     fn tmp_and_output(&mut self) -> (&mut [u8], &mut [u8]) {
         self.make_room();
+        if self.input.len() - self.filled < MIN_SCRATCH {
+            self.input.resize(self.filled + MIN_SCRATCH, 0);
+        }
         (&mut self.input[self.filled..], &mut self.output)
     }
 
@@ -270,7 +318,8 @@ impl Deadline {
     }
 }
 
-/// Writes both parts in order, in as few `writev` calls as the socket allows.
+/// Writes both parts in order, in as few `writev` calls as the socket allows. (`writev` has no
+/// MSG_NOSIGNAL, but the Rust runtime ignores SIGPIPE: a reset receiver is an EPIPE here.)
 fn send(stream: &TcpStream, parts: [&[u8]; 2], deadline: Deadline) -> Result<(), ureq::Error> {
     let mut slices = parts.map(IoSlice::new);
     let mut left = &mut slices[..];
@@ -422,11 +471,11 @@ mod tests {
         assert_eq!(served.recv_timeout(Duration::from_secs(5)).unwrap(), 50);
     }
 
-    #[test]
-    fn a_connection_the_receiver_closed_is_not_used_again() {
-        // One answer per connection, then the receiver closes it: every request after the first
-        // must find its pooled connection closed and open a new one, not fail on it.
-        let (url, served) = receiver(1, false);
+    /// Requests to a receiver that answers once per connection and then closes it (or, with
+    /// `stray`, writes an answer nobody asked for): every request after the first must find its
+    /// pooled connection unusable and open a new one, not fail on it.
+    fn each_request_needs_a_new_connection(stray: bool) {
+        let (url, served) = receiver(1, stray);
         let agent = agent(Duration::from_secs(5));
         for i in 0..5 {
             assert_eq!(post(&agent, &url, b"{}").unwrap(), 200, "request {i}");
@@ -435,13 +484,13 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_the_receiver_closed_is_not_used_again() {
+        each_request_needs_a_new_connection(false);
+    }
+
+    #[test]
     fn a_connection_with_stray_bytes_is_not_used_again() {
-        let (url, served) = receiver(1, true);
-        let agent = agent(Duration::from_secs(5));
-        for i in 0..3 {
-            assert_eq!(post(&agent, &url, b"{}").unwrap(), 200, "request {i}");
-            assert_eq!(served.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
-        }
+        each_request_needs_a_new_connection(true);
     }
 
     #[test]
@@ -642,6 +691,36 @@ mod tests {
             "all read: the whole buffer is free"
         );
         let (tmp, output) = b.tmp_and_output();
-        assert_eq!((tmp.len(), output.len()), (8, 4));
+        assert_eq!(
+            (tmp.len(), output.len()),
+            (MIN_SCRATCH, 4),
+            "ureq's scratch space"
+        );
+    }
+
+    #[test]
+    fn after_a_failed_send_the_connection_is_not_used_again() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let _peer = listener.accept().unwrap();
+        stream.set_nonblocking(true).unwrap();
+        let mut tcp = PolledTcp {
+            stream,
+            buffers: ZeroedBuffers::new(64, 64),
+            held: b"POST / HTTP/1.1\r\n".to_vec(),
+            answer_due: false,
+            broken: false,
+        };
+        assert!(tcp.is_open());
+        let failed = Err(ureq::Error::Timeout(Timeout::Global));
+        assert!(tcp.sent(failed).is_err());
+        // The head may have gone out in part: neither it nor anything else may follow.
+        assert!(!tcp.is_open());
+        let timeout = NextTimeout {
+            after: ureq::unversioned::transport::time::Duration::from_secs(1),
+            ..NextTimeout::default()
+        };
+        assert!(tcp.transmit_output(0, timeout).is_err());
+        assert!(tcp.await_input(timeout).is_err());
     }
 }
