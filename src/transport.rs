@@ -49,6 +49,7 @@ impl<In: Transport> Connector<In> for PolledTcpConnector {
         if let Some(chained) = chained {
             return Ok(Some(Either::A(chained)));
         }
+        let first_call_ends = Deadline::new(details.timeout)?.at;
         let stream = connect(&details.addrs, details.timeout)?;
         if details.config.no_delay() {
             stream.set_nodelay(true)?;
@@ -61,6 +62,7 @@ impl<In: Transport> Connector<In> for PolledTcpConnector {
             held: Vec::new(),
             answer_due: false,
             broken: false,
+            first_call_ends,
         })))
     }
 }
@@ -112,6 +114,11 @@ pub struct PolledTcp {
     answer_due: bool,
     /// A send failed, perhaps after sending part of what it had: nothing more may follow.
     broken: bool,
+    /// When the call that opened the connection must end (its global timeout), until the
+    /// connection first goes back to the pool. ureq gives every read of a TLS handshake or a
+    /// CONNECT proxy's answer the same timeout, so a peer that sends a byte now and then could
+    /// otherwise hold that call for as long as it likes.
+    first_call_ends: Option<Instant>,
 }
 
 /// Only the peer: the buffers hold requests, i.e. message contents.
@@ -158,7 +165,7 @@ impl Transport for PolledTcp {
     fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
         self.usable()?;
         let timeout = timeout.for_write();
-        let deadline = Deadline::new(timeout)?;
+        let deadline = Deadline::new(timeout)?.no_later_than(self.first_call_ends);
         let output = &self.buffers.output()[..amount];
         if self.held.is_empty() && amount <= HOLD_LIMIT {
             self.held.extend_from_slice(output);
@@ -173,7 +180,7 @@ impl Transport for PolledTcp {
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
         self.usable()?;
         let timeout = timeout.for_read();
-        let deadline = Deadline::new(timeout)?;
+        let deadline = Deadline::new(timeout)?.no_later_than(self.first_call_ends);
         if !self.held.is_empty() {
             let result = send(&self.stream, [&self.held, &[]], deadline);
             self.sent(result)?;
@@ -201,6 +208,8 @@ impl Transport for PolledTcp {
     /// it) or bytes we did not ask for (a stray answer, a TLS close alert) mean the connection
     /// must not be used again.
     fn is_open(&mut self) -> bool {
+        // Asked when the connection goes back to the pool: the call that opened it is over.
+        self.first_call_ends = None;
         !self.broken
             && self.buffers.input().is_empty()
             && matches!(self.stream.peek(&mut [0]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
@@ -310,6 +319,18 @@ impl Deadline {
             at: Instant::now().checked_add(*timeout.after),
             reason: timeout.reason,
         })
+    }
+
+    /// This deadline, or `at` if that comes first (reported as the global timeout).
+    fn no_later_than(self, at: Option<Instant>) -> Deadline {
+        match (self.at, at) {
+            (Some(mine), Some(at)) if at >= mine => self,
+            (_, Some(at)) => Deadline {
+                at: Some(at),
+                reason: Timeout::Global,
+            },
+            (_, None) => self,
+        }
     }
 
     fn left(&self) -> Option<std::time::Duration> {
@@ -710,6 +731,7 @@ mod tests {
             held: b"POST / HTTP/1.1\r\n".to_vec(),
             answer_due: false,
             broken: false,
+            first_call_ends: None,
         };
         assert!(tcp.is_open());
         let failed = Err(ureq::Error::Timeout(Timeout::Global));
@@ -722,5 +744,62 @@ mod tests {
         };
         assert!(tcp.transmit_output(0, timeout).is_err());
         assert!(tcp.await_input(timeout).is_err());
+    }
+
+    /// Writes `start`, then one byte every 50 ms for as long as the client listens.
+    fn trickle(mut stream: TcpStream, start: &[u8]) {
+        for byte in start.iter().chain([b'a'].iter().cycle()) {
+            if stream.write_all(&[*byte]).is_err() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The time a request through `agent` to `url` took to fail with a timeout.
+    fn timed_out(agent: &Agent, url: &str) -> Duration {
+        let started = Instant::now();
+        let error = post(agent, url, b"{}").unwrap_err();
+        assert!(matches!(error, ureq::Error::Timeout(_)), "{error:?}");
+        started.elapsed()
+    }
+
+    #[test]
+    fn a_connect_proxy_that_trickles_its_answer_is_cut_off_at_the_timeout() {
+        // ureq gives every read of the proxy's answer the same timeout: only the deadline of
+        // the call that opened the connection can end one that never completes.
+        let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+        thread::spawn(move || {
+            let (client, _) = proxy.accept().unwrap();
+            read_request(&mut io::BufReader::new(client.try_clone().unwrap()));
+            trickle(client, b"HTTP/1.1 200 OK\r\nx-pad: ");
+        });
+        let agent = agent_via(
+            Duration::from_millis(500),
+            Some(ureq::Proxy::new(&proxy_url).unwrap()),
+        );
+        let took = timed_out(&agent, "http://127.0.0.1:9/");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+
+    #[test]
+    fn a_tls_handshake_that_trickles_in_still_ends_at_the_timeout() {
+        // The start of a 16 KiB handshake record, then a byte every 50 ms: rustls waits for the
+        // whole record.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}/", listener.local_addr().unwrap());
+        thread::spawn(move || trickle(listener.accept().unwrap().0, &[0x16, 3, 3, 0x40, 0]));
+        let config = Agent::config_builder()
+            .timeout_global(Some(Duration::from_millis(500)))
+            .build();
+        let agent = Agent::with_parts(
+            config,
+            ().chain(PolledTcpConnector)
+                .chain(ureq::unversioned::transport::RustlsConnector::default()),
+            ureq::unversioned::resolver::DefaultResolver::default(),
+        );
+        let took = timed_out(&agent, &url);
+        assert!(took < Duration::from_secs(3), "{took:?}");
     }
 }
