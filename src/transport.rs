@@ -49,8 +49,8 @@ impl<In: Transport> Connector<In> for PolledTcpConnector {
         if let Some(chained) = chained {
             return Ok(Some(Either::A(chained)));
         }
-        let first_call_ends = Deadline::new(details.timeout)?.at;
-        let stream = connect(&details.addrs, details.timeout)?;
+        let deadline = Deadline::new(details.timeout)?;
+        let stream = connect(&details.addrs, deadline)?;
         if details.config.no_delay() {
             stream.set_nodelay(true)?;
         }
@@ -62,7 +62,7 @@ impl<In: Transport> Connector<In> for PolledTcpConnector {
             held: Vec::new(),
             answer_due: false,
             broken: false,
-            first_call_ends,
+            first_call_ends: deadline.at,
         })))
     }
 }
@@ -79,8 +79,7 @@ const MIN_CONNECT_SHARE: std::time::Duration = std::time::Duration::from_millis(
 
 /// Tries each address in turn; each gets half of the time left, the last all of it (a host
 /// whose first address is dead still gets a chance on the next).
-fn connect(addrs: &[SocketAddr], timeout: NextTimeout) -> Result<TcpStream, ureq::Error> {
-    let deadline = Deadline::new(timeout)?;
+fn connect(addrs: &[SocketAddr], deadline: Deadline) -> Result<TcpStream, ureq::Error> {
     let mut last_error = None;
     for (i, addr) in addrs.iter().enumerate() {
         let attempt = match deadline.left() {
@@ -100,7 +99,7 @@ fn connect(addrs: &[SocketAddr], timeout: NextTimeout) -> Result<TcpStream, ureq
         Some(e) if e.kind() != io::ErrorKind::TimedOut => e.into(),
         Some(_) => ureq::Error::Timeout(Timeout::Connect),
         None if addrs.is_empty() => io::Error::from(io::ErrorKind::ConnectionRefused).into(),
-        None => ureq::Error::Timeout(timeout.reason),
+        None => ureq::Error::Timeout(deadline.reason),
     })
 }
 
@@ -115,9 +114,9 @@ pub struct PolledTcp {
     /// A send failed, perhaps after sending part of what it had: nothing more may follow.
     broken: bool,
     /// When the call that opened the connection must end (its global timeout), until the
-    /// connection first goes back to the pool. ureq gives every read of a TLS handshake or a
-    /// CONNECT proxy's answer the same timeout, so a peer that sends a byte now and then could
-    /// otherwise hold that call for as long as it likes.
+    /// connection first goes back to the pool. ureq gives every read of a CONNECT proxy's
+    /// answer the same timeout, so a proxy that sends a byte now and then could otherwise hold
+    /// that call for as long as it likes.
     first_call_ends: Option<Instant>,
 }
 
@@ -131,21 +130,26 @@ impl std::fmt::Debug for PolledTcp {
 }
 
 impl PolledTcp {
-    fn usable(&self) -> Result<(), ureq::Error> {
-        match self.broken {
-            false => Ok(()),
-            true => Err(io::Error::new(
+    /// The deadline of one read or write: ureq's `timeout`, but no later than the end of the
+    /// call that opened the connection. Fails once a send has failed.
+    fn deadline(&self, timeout: NextTimeout) -> Result<Deadline, ureq::Error> {
+        if self.broken {
+            let e = io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "an earlier write on this connection failed",
-            )
-            .into()),
+            );
+            return Err(e.into());
         }
+        Ok(Deadline::new(timeout)?.no_later_than(self.first_call_ends))
     }
 
-    /// After a send of what was held (and more): on success nothing is held any longer; on
-    /// failure part of it may have gone out, so sending it again would repeat the start of a
-    /// request (ureq goes on after a timeout while it waits for a `100 Continue`).
-    fn sent(&mut self, result: Result<(), ureq::Error>) -> Result<(), ureq::Error> {
+    /// Sends what is held, then the first `amount` bytes of the output. On success nothing is
+    /// held any longer; on failure part of it may have gone out, so sending it again would
+    /// repeat the start of a request (ureq goes on after a timeout while it waits for a
+    /// `100 Continue`): the connection is broken for good.
+    fn send_held(&mut self, amount: usize, deadline: Deadline) -> Result<(), ureq::Error> {
+        let output = &self.buffers.output[..amount];
+        let result = send(&self.stream, [&self.held, output], deadline);
         match result {
             Ok(()) => self.held.clear(),
             Err(_) => self.broken = true,
@@ -163,27 +167,20 @@ impl Transport for PolledTcp {
     /// so that head and body leave in one `writev` and arrive in one segment: one system call
     /// here and one wake-up of the receiver instead of two of each.
     fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
-        self.usable()?;
-        let timeout = timeout.for_write();
-        let deadline = Deadline::new(timeout)?.no_later_than(self.first_call_ends);
-        let output = &self.buffers.output()[..amount];
+        let deadline = self.deadline(timeout.for_write())?;
         if self.held.is_empty() && amount <= HOLD_LIMIT {
-            self.held.extend_from_slice(output);
+            self.held.extend_from_slice(&self.buffers.output[..amount]);
         } else {
-            let result = send(&self.stream, [&self.held, output], deadline);
-            self.sent(result)?;
+            self.send_held(amount, deadline)?;
         }
         self.answer_due = true;
         Ok(())
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
-        self.usable()?;
-        let timeout = timeout.for_read();
-        let deadline = Deadline::new(timeout)?.no_later_than(self.first_call_ends);
+        let deadline = self.deadline(timeout.for_read())?;
         if !self.held.is_empty() {
-            let result = send(&self.stream, [&self.held, &[]], deadline);
-            self.sent(result)?;
+            self.send_held(0, deadline)?;
         }
         if std::mem::take(&mut self.answer_due) {
             wait(&self.stream, libc::POLLIN, deadline)?;
@@ -600,12 +597,13 @@ mod tests {
             after: ureq::unversioned::transport::time::Duration::from_secs(2),
             ..NextTimeout::default()
         };
-        let error = connect(&[dead_addr], timeout).unwrap_err();
+        let deadline = Deadline::new(timeout).unwrap();
+        let error = connect(&[dead_addr], deadline).unwrap_err();
         assert!(
             matches!(&error, ureq::Error::Io(e) if e.kind() == io::ErrorKind::ConnectionRefused),
             "{error:?}"
         );
-        let stream = connect(&[dead_addr, live_addr], timeout).unwrap();
+        let stream = connect(&[dead_addr, live_addr], deadline).unwrap();
         assert_eq!(stream.peer_addr().unwrap(), live_addr);
     }
 
@@ -734,14 +732,15 @@ mod tests {
             first_call_ends: None,
         };
         assert!(tcp.is_open());
-        let failed = Err(ureq::Error::Timeout(Timeout::Global));
-        assert!(tcp.sent(failed).is_err());
-        // The head may have gone out in part: neither it nor anything else may follow.
-        assert!(!tcp.is_open());
         let timeout = NextTimeout {
             after: ureq::unversioned::transport::time::Duration::from_secs(1),
             ..NextTimeout::default()
         };
+        // Sending the held head fails (our side can no longer write; its read side is open).
+        tcp.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(tcp.await_input(timeout).is_err());
+        // The head may have gone out in part: neither it nor anything else may follow.
+        assert!(!tcp.is_open());
         assert!(tcp.transmit_output(0, timeout).is_err());
         assert!(tcp.await_input(timeout).is_err());
     }
