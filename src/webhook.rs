@@ -11,7 +11,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use ureq::http::Uri;
+use ureq::http::header::CONTENT_TYPE;
+use ureq::http::{HeaderName, HeaderValue, Uri};
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::{
@@ -44,6 +45,14 @@ const OUTPUT_BUFFER: usize = 4 * 1024;
 const MAX_RESPONSE_HEADER: usize = 11 * 1024;
 /// How long a resolved webhook address is reused before the host name is looked up again.
 const RESOLVE_TTL: Duration = Duration::from_secs(5);
+
+/// The request's header names and fixed value, made once (a name that HTTP does not define, or
+/// a value given as text, would otherwise be copied into a new allocation on every request).
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
+const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
+const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
 
 /// One request's result: what it means for the message, what it says about the receiver, and
 /// the answer's status code (None when no answer came).
@@ -147,22 +156,20 @@ impl Webhook {
             Some(uri) => self.agent.post(uri.clone()),
             None => self.agent.post(self.url.as_str()),
         };
-        let mut request = request
-            .header("Content-Type", "application/json")
-            .header("Idempotency-Key", message.id.to_string())
-            .header("webhook-id", &webhook_id);
+        let mut request = request.header(CONTENT_TYPE, JSON);
         if let Some(key) = &self.secret {
             let timestamp = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_secs();
             request = request
-                .header("webhook-timestamp", timestamp.to_string())
-                .header(
-                    "webhook-signature",
-                    sign(key, &webhook_id, timestamp, &body),
-                );
+                .header(WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp))
+                .header(WEBHOOK_SIGNATURE, sign(key, &webhook_id, timestamp, &body));
         }
+        // The names are constants and the values move in: no copy of either per request.
+        let request = request
+            .header(IDEMPOTENCY_KEY, HeaderValue::from(message.id))
+            .header(WEBHOOK_ID, webhook_id);
         let (status, answer) = match request.send(&body[..]) {
             Ok(response) => {
                 let status = response.status().as_u16();
