@@ -29,7 +29,7 @@ use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use ureq::unversioned::transport::{
-    Buffers, ConnectionDetails, Connector, Either, NextTimeout, Transport,
+    time as ureq_time, Buffers, ConnectionDetails, Connector, Either, NextTimeout, Transport,
 };
 use ureq::Timeout;
 
@@ -49,7 +49,9 @@ impl<In: Transport> Connector<In> for PolledTcpConnector {
         if let Some(chained) = chained {
             return Ok(Some(Either::A(chained)));
         }
-        let deadline = Deadline::new(details.timeout)?;
+        // Counted from ureq's reading of the clock when it computed the timeout, not from now:
+        // a CONNECT proxy's host is looked up in between, and that time is spent already.
+        let deadline = Deadline::since(details.now, details.timeout)?;
         let stream = connect(&details.addrs, deadline)?;
         if details.config.no_delay() {
             stream.set_nodelay(true)?;
@@ -116,7 +118,8 @@ pub struct PolledTcp {
     /// When the call that opened the connection must end (its global timeout), until the
     /// connection first goes back to the pool. ureq gives every read of a CONNECT proxy's
     /// answer the same timeout, so a proxy that sends a byte now and then could otherwise hold
-    /// that call for as long as it likes.
+    /// that call for as long as it likes. (It is ureq's connect timeout, which is the global
+    /// one: the daemon sets no shorter connect timeout, which would end the whole first call.)
     first_call_ends: Option<Instant>,
 }
 
@@ -316,6 +319,22 @@ impl Deadline {
             at: Instant::now().checked_add(*timeout.after),
             reason: timeout.reason,
         })
+    }
+
+    /// `timeout` counted from `start` (ureq's reading of the clock when it computed it) rather
+    /// than from now; fails at once when no time is left.
+    fn since(start: ureq_time::Instant, timeout: NextTimeout) -> Result<Deadline, ureq::Error> {
+        let ureq_time::Instant::Exact(start) = start else {
+            return Deadline::new(timeout);
+        };
+        let deadline = Deadline {
+            at: start.checked_add(*timeout.after),
+            reason: timeout.reason,
+        };
+        match deadline.left() {
+            Some(left) if left.is_zero() => Err(ureq::Error::Timeout(timeout.reason)),
+            _ => Ok(deadline),
+        }
     }
 
     /// This deadline, or `at` if that comes first (reported as the global timeout).
@@ -800,5 +819,48 @@ mod tests {
         );
         let took = timed_out(&agent, &url);
         assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+
+    /// ureq's default resolver, answering `self.0` late: a slow DNS server.
+    #[derive(Debug)]
+    struct SlowResolver(Duration);
+
+    impl ureq::unversioned::resolver::Resolver for SlowResolver {
+        fn resolve(
+            &self,
+            uri: &ureq::http::Uri,
+            config: &ureq::config::Config,
+            timeout: NextTimeout,
+        ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+            thread::sleep(self.0);
+            ureq::unversioned::resolver::DefaultResolver::default().resolve(uri, config, timeout)
+        }
+    }
+
+    #[test]
+    fn a_slow_lookup_of_the_proxy_does_not_extend_the_timeout() {
+        // The proxy's host is looked up inside the connect step, after ureq computed the time
+        // left (`details.timeout`, as of `details.now`): that time is spent already, and the
+        // proxy's answer, which trickles in, must still be cut off at the global timeout.
+        let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+        thread::spawn(move || {
+            let (client, _) = proxy.accept().unwrap();
+            read_request(&mut io::BufReader::new(client.try_clone().unwrap()));
+            trickle(client, b"HTTP/1.1 200 OK\r\nx-pad: ");
+        });
+        let config = Agent::config_builder()
+            .timeout_global(Some(Duration::from_millis(800)))
+            .http_status_as_error(false)
+            .proxy(Some(ureq::Proxy::new(&proxy_url).unwrap()))
+            .build();
+        let agent = Agent::with_parts(
+            config,
+            ().chain(ConnectProxyConnector::default())
+                .chain(PolledTcpConnector),
+            SlowResolver(Duration::from_millis(600)),
+        );
+        let took = timed_out(&agent, "http://127.0.0.1:9/");
+        assert!(took < Duration::from_millis(1100), "{took:?}");
     }
 }
