@@ -422,6 +422,14 @@ mod tests {
 
     /// The daemon's chain: a CONNECT proxy when one is given, else straight to the receiver.
     fn agent_via(timeout: Duration, proxy: Option<ureq::Proxy>) -> Agent {
+        agent_resolving(timeout, proxy, SlowResolver(Duration::ZERO))
+    }
+
+    fn agent_resolving(
+        timeout: Duration,
+        proxy: Option<ureq::Proxy>,
+        resolver: SlowResolver,
+    ) -> Agent {
         let config = Agent::config_builder()
             .timeout_global(Some(timeout))
             .http_status_as_error(false)
@@ -431,8 +439,24 @@ mod tests {
             config,
             ().chain(ConnectProxyConnector::default())
                 .chain(PolledTcpConnector),
-            ureq::unversioned::resolver::DefaultResolver::default(),
+            resolver,
         )
+    }
+
+    /// ureq's default resolver, answering `self.0` late: a slow DNS server.
+    #[derive(Debug)]
+    struct SlowResolver(Duration);
+
+    impl ureq::unversioned::resolver::Resolver for SlowResolver {
+        fn resolve(
+            &self,
+            uri: &ureq::http::Uri,
+            config: &ureq::config::Config,
+            timeout: NextTimeout,
+        ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+            thread::sleep(self.0);
+            ureq::unversioned::resolver::DefaultResolver::default().resolve(uri, config, timeout)
+        }
     }
 
     /// Reads one request (headers and a Content-Length body) from `reader`; None at the end of
@@ -774,6 +798,18 @@ mod tests {
         }
     }
 
+    /// A CONNECT proxy that answers one byte every 50 ms, never finishing; its URL.
+    fn trickling_proxy() -> String {
+        let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", proxy.local_addr().unwrap());
+        thread::spawn(move || {
+            let (client, _) = proxy.accept().unwrap();
+            read_request(&mut io::BufReader::new(client.try_clone().unwrap()));
+            trickle(client, b"HTTP/1.1 200 OK\r\nx-pad: ");
+        });
+        url
+    }
+
     /// The time a request through `agent` to `url` took to fail with a timeout.
     fn timed_out(agent: &Agent, url: &str) -> Duration {
         let started = Instant::now();
@@ -786,13 +822,7 @@ mod tests {
     fn a_connect_proxy_that_trickles_its_answer_is_cut_off_at_the_timeout() {
         // ureq gives every read of the proxy's answer the same timeout: only the deadline of
         // the call that opened the connection can end one that never completes.
-        let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
-        let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
-        thread::spawn(move || {
-            let (client, _) = proxy.accept().unwrap();
-            read_request(&mut io::BufReader::new(client.try_clone().unwrap()));
-            trickle(client, b"HTTP/1.1 200 OK\r\nx-pad: ");
-        });
+        let proxy_url = trickling_proxy();
         let agent = agent_via(
             Duration::from_millis(500),
             Some(ureq::Proxy::new(&proxy_url).unwrap()),
@@ -821,43 +851,15 @@ mod tests {
         assert!(took < Duration::from_secs(3), "{took:?}");
     }
 
-    /// ureq's default resolver, answering `self.0` late: a slow DNS server.
-    #[derive(Debug)]
-    struct SlowResolver(Duration);
-
-    impl ureq::unversioned::resolver::Resolver for SlowResolver {
-        fn resolve(
-            &self,
-            uri: &ureq::http::Uri,
-            config: &ureq::config::Config,
-            timeout: NextTimeout,
-        ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
-            thread::sleep(self.0);
-            ureq::unversioned::resolver::DefaultResolver::default().resolve(uri, config, timeout)
-        }
-    }
-
     #[test]
     fn a_slow_lookup_of_the_proxy_does_not_extend_the_timeout() {
         // The proxy's host is looked up inside the connect step, after ureq computed the time
         // left (`details.timeout`, as of `details.now`): that time is spent already, and the
         // proxy's answer, which trickles in, must still be cut off at the global timeout.
-        let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
-        let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
-        thread::spawn(move || {
-            let (client, _) = proxy.accept().unwrap();
-            read_request(&mut io::BufReader::new(client.try_clone().unwrap()));
-            trickle(client, b"HTTP/1.1 200 OK\r\nx-pad: ");
-        });
-        let config = Agent::config_builder()
-            .timeout_global(Some(Duration::from_millis(800)))
-            .http_status_as_error(false)
-            .proxy(Some(ureq::Proxy::new(&proxy_url).unwrap()))
-            .build();
-        let agent = Agent::with_parts(
-            config,
-            ().chain(ConnectProxyConnector::default())
-                .chain(PolledTcpConnector),
+        let proxy_url = trickling_proxy();
+        let agent = agent_resolving(
+            Duration::from_millis(800),
+            Some(ureq::Proxy::new(&proxy_url).unwrap()),
             SlowResolver(Duration::from_millis(600)),
         );
         let took = timed_out(&agent, "http://127.0.0.1:9/");
