@@ -309,32 +309,31 @@ struct Deadline {
 }
 
 impl Deadline {
-    /// Fails at once, as ureq's transport does, when no time is left.
+    /// `timeout` from now.
     fn new(timeout: NextTimeout) -> Result<Deadline, ureq::Error> {
-        if timeout.after.is_zero() {
-            return Err(ureq::Error::Timeout(timeout.reason));
-        }
-        Ok(Deadline {
-            // None also for a timeout too far away to be an Instant.
-            at: Instant::now().checked_add(*timeout.after),
-            reason: timeout.reason,
-        })
+        Deadline::counted_from(Instant::now(), timeout)
     }
 
-    /// `timeout` counted from `start` (ureq's reading of the clock when it computed it) rather
-    /// than from now; fails at once when no time is left.
+    /// `timeout` counted from `start`, ureq's reading of the clock when it computed it (or from
+    /// now, when ureq had no reading).
     fn since(start: ureq_time::Instant, timeout: NextTimeout) -> Result<Deadline, ureq::Error> {
-        let ureq_time::Instant::Exact(start) = start else {
-            return Deadline::new(timeout);
-        };
+        match start {
+            ureq_time::Instant::Exact(start) => Deadline::counted_from(start, timeout),
+            _ => Deadline::new(timeout),
+        }
+    }
+
+    /// Fails at once, as ureq's transport does, when no time is left.
+    fn counted_from(start: Instant, timeout: NextTimeout) -> Result<Deadline, ureq::Error> {
         let deadline = Deadline {
+            // None also for a timeout too far away to be an Instant.
             at: start.checked_add(*timeout.after),
             reason: timeout.reason,
         };
-        match deadline.left() {
-            Some(left) if left.is_zero() => Err(ureq::Error::Timeout(timeout.reason)),
-            _ => Ok(deadline),
+        if timeout.after.is_zero() || deadline.left().is_some_and(|left| left.is_zero()) {
+            return Err(ureq::Error::Timeout(timeout.reason));
         }
+        Ok(deadline)
     }
 
     /// This deadline, or `at` if that comes first (reported as the global timeout).
